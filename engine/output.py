@@ -1,0 +1,223 @@
+"""Output folder: answers/ committed one shard at a time (atomically), a manifest that ties it to one job, resume.
+
+Layout under the output URI:
+  _engine.json            manifest: job name and fingerprint, input files, limit (a different job is refused)
+  answers/<shard>.parquet one file per committed shard: every (note, question) of that shard exactly once
+  patients/patients.parquet, report.json, report.html
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine import __version__
+from engine.errors import OutputError
+from engine.job import JobSpec
+from engine.stages.read import InputPlan
+from engine.storage import describe_error, filesystem, is_remote, join
+
+MANIFEST = "_engine.json"
+ANSWERS = "answers"
+PATIENTS = "patients"
+
+ANSWER_COLUMNS: dict[str, pa.DataType] = {
+    "patient_id": pa.string(),
+    "note_id": pa.string(),
+    "question_id": pa.string(),
+    "status": pa.string(),
+    "value_bool": pa.bool_(),
+    "value_num": pa.float64(),
+    "unit": pa.string(),
+    "evidence": pa.string(),
+    "evidence_start": pa.int32(),
+    "evidence_end": pa.int32(),
+    "grounding": pa.string(),
+    "error": pa.string(),
+    "model": pa.string(),
+    "truncated": pa.bool_(),
+    "prompt_tokens": pa.int32(),
+    "cached_tokens": pa.int32(),
+    "completion_tokens": pa.int32(),
+    "charttime": pa.timestamp("us"),
+    "row_number": pa.int64(),
+    "shard_id": pa.string(),
+    "job_fingerprint": pa.string(),
+}
+
+
+def answer_schema(job: JobSpec, input_schema: pa.Schema) -> pa.Schema:
+    """The fixed answers/ schema: engine columns, then the job's structured input columns with their input types."""
+    structured = [pa.field(name, input_schema.field(name).type) for name in job.input.structured]
+    return pa.schema([pa.field(n, t) for n, t in ANSWER_COLUMNS.items()] + structured)
+
+
+def to_answer_table(batch: pa.Table, schema: pa.Schema, fingerprint: str) -> pa.Table:
+    """Select and cast a pipeline batch to the answers schema (dictionary columns decoded)."""
+    batch = batch.append_column("job_fingerprint", pa.array([fingerprint] * batch.num_rows, pa.string()))
+    columns = []
+    for field in schema:
+        column = batch[field.name]
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        columns.append(column.cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class OutputStore:
+    uri: str
+    storage_options: dict
+
+    def __post_init__(self):
+        self.fs, self.root = filesystem(self.uri, self.storage_options)
+        self.answers_dir = join(self.fs, self.root, ANSWERS)
+
+    # --- manifest and resume -------------------------------------------------------------------------------
+    def prepare(self, job: JobSpec, inputs: InputPlan, limit: int | None, overwrite: bool) -> set[str]:
+        """Make the folder ready; return the shard ids already committed by an earlier run of the same job."""
+        manifest = self._manifest(job, inputs, limit)
+        try:
+            existing = self._read_json(MANIFEST)
+            if overwrite and self.fs.exists(self.root):
+                self.fs.rm(self.root, recursive=True)
+                existing = None
+            elif existing is None and self._has_answers():
+                raise OutputError(f"output {self.uri} holds answers but no {MANIFEST}; it was not written by engine. Use another --output or --overwrite")
+            if existing is not None:
+                _check_same_job(self.uri, existing, manifest)
+            else:
+                self.fs.makedirs(self.answers_dir, exist_ok=True)
+                self._write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
+            self._remove_partial_files()
+            return self.committed_shards()
+        except OutputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise OutputError(f"output {self.uri}: {describe_error(exc)}") from None
+
+    def _manifest(self, job: JobSpec, inputs: InputPlan, limit: int | None) -> dict:
+        return {
+            "engine_version": __version__,
+            "job_name": job.name,
+            "job_fingerprint": job.fingerprint(),
+            "input_files": [[path, size] for path, size in inputs.files],
+            "limit": limit,
+            "notes_per_shard": job.batching.notes_per_shard,
+            "questions": [q.id for q in job.questions],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def committed_shards(self) -> set[str]:
+        if not self.fs.exists(self.answers_dir):
+            return set()
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.answers_dir, detail=False)]
+        return {n.removesuffix(".parquet") for n in names if n.endswith(".parquet") and not n.startswith(".")}
+
+    def _has_answers(self) -> bool:
+        return bool(self.committed_shards())
+
+    def _remove_partial_files(self) -> None:
+        if self.fs.exists(self.answers_dir):
+            for path in self.fs.ls(self.answers_dir, detail=False):
+                if path.rsplit("/", 1)[-1].startswith(".tmp-"):
+                    self.fs.rm(path)
+
+    # --- writes --------------------------------------------------------------------------------------------
+    def commit_shard(self, shard_id: str, table: pa.Table) -> None:
+        """Write one shard's answers so that it is either wholly there or absent (rename; an S3 PUT is atomic)."""
+        table = table.sort_by([("row_number", "ascending"), ("question_id", "ascending")])
+        self.write_table(join(self.fs, ANSWERS, f"{shard_id}.parquet"), table)
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self._write_bytes(relative, buffer.getvalue())
+
+    def _write_bytes(self, relative: str, data: bytes) -> None:
+        final = join(self.fs, self.root, relative)
+        parent = final.rsplit("/", 1)[0]
+        if is_remote(self.fs):
+            self.fs.pipe_file(final, data)
+            return
+        self.fs.makedirs(parent, exist_ok=True)
+        scratch = join(self.fs, parent, f".tmp-{uuid.uuid4().hex}")
+        self.fs.pipe_file(scratch, data)
+        self.fs.mv(scratch, final)
+
+    def write_json(self, relative: str, payload: dict) -> None:
+        self._write_bytes(relative, json.dumps(payload, indent=2, default=str).encode())
+
+    def write_text(self, relative: str, text: str) -> None:
+        self._write_bytes(relative, text.encode())
+
+    # --- reads ---------------------------------------------------------------------------------------------
+    def _read_json(self, relative: str) -> dict | None:
+        path = join(self.fs, self.root, relative)
+        if not self.fs.exists(path):
+            return None
+        return json.loads(self.fs.cat_file(path))
+
+    def read_answers(self) -> pa.Table:
+        return read_answers(self.uri, self.storage_options)
+
+
+def read_answers(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """All committed answers under an output folder (or an answers/ folder itself)."""
+    fs, root = filesystem(uri, storage_options)
+    folder = root if root.rstrip("/").endswith(ANSWERS) else join(fs, root, ANSWERS)
+    try:
+        files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+    except FileNotFoundError:
+        raise OutputError(f"no answers under {uri}: expected {folder}/*.parquet written by `engine run`") from None
+    if not files:
+        raise OutputError(f"no answers under {uri}: {folder} has no .parquet files")
+    tables = []
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _check_same_job(uri: str, existing: dict, manifest: dict) -> None:
+    for key, what in (("job_fingerprint", "a different job (model, questions or input)"),
+                      ("input_files", "different input files"), ("limit", "a different --limit"),
+                      ("notes_per_shard", "a different batching.notes_per_shard")):
+        if existing.get(key) != manifest[key]:
+            raise OutputError(
+                f"output {uri} was written by {what} (job {existing.get('job_name')!r}); "
+                "use --overwrite to start afresh or choose another --output"
+            )
+
+
+class ShardCollector:
+    """Gathers a shard's rows as they stream back (in any order); hands back each shard once it is complete."""
+
+    def __init__(self, expected_rows: dict[str, int]):
+        self.expected = dict(expected_rows)
+        self.parts: dict[str, list[pa.Table]] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, batch: pa.Table) -> list[tuple[str, pa.Table]]:
+        done = []
+        shard_ids = batch["shard_id"]
+        for shard_id in pc.unique(shard_ids).to_pylist():
+            part = batch.filter(pc.equal(shard_ids, shard_id))
+            self.parts.setdefault(shard_id, []).append(part)
+            self.counts[shard_id] = self.counts.get(shard_id, 0) + part.num_rows
+            if self.counts[shard_id] == self.expected[shard_id]:
+                done.append((shard_id, pa.concat_tables(self.parts.pop(shard_id))))
+            elif self.counts[shard_id] > self.expected[shard_id]:
+                raise RuntimeError(f"shard {shard_id} produced more rows than expected: a pipeline bug")
+        return done
+
+    @property
+    def incomplete(self) -> list[str]:
+        return sorted(self.parts)

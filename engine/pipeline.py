@@ -1,0 +1,144 @@
+"""The whole run on one screen: job -> plan -> read -> expand -> generate -> parse -> ground -> commit -> rules -> report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import warnings
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.job import JobSpec
+from engine.output import OutputStore, answer_schema, to_answer_table, ShardCollector
+from engine.plan import Plan, make_plan
+from engine.stages.expand import expand_questions
+from engine.stages.generate import GenerateAnswers
+from engine.stages.ground import ground_evidence
+from engine.stages.parse import parse_answers
+from engine.stages.read import InputPlan, Shard, plan_input, read_shards
+
+ACTOR_RESTARTS = 2  # a crashed engine actor is restarted by Ray and its batch retried this many times
+
+
+@dataclass
+class RunStats:
+    """What this run did (the report adds what the committed output holds)."""
+
+    started: float = field(default_factory=time.time)
+    first_result: float | None = None
+    finished: float | None = None
+    shards_total: int = 0
+    shards_resumed: int = 0
+    shards_committed: int = 0
+    notes_processed: int = 0
+    pairs_processed: int = 0
+    engine_seconds: float = 0.0  # summed busy time of the model actors (measured inside them)
+    actors: int = 1
+    patients_processed: set = field(default_factory=set, repr=False)
+
+
+@lru_cache(maxsize=4)
+def _plan(job_json: str) -> Plan:
+    return make_plan(JobSpec.model_validate_json(job_json))
+
+
+# --- stages as Ray Data UDFs (each a thin wrapper over a pure function) ---------------------------------------
+def read_stage(batch: pa.Table, job_json: str, schema: pa.Schema) -> pa.Table:
+    job = _plan(job_json).job
+    tables = [read_shards(job.input, [Shard(**s) for s in json.loads(item)], schema) for item in batch["shards"].to_pylist()]
+    return pa.concat_tables(tables)
+
+
+def expand_stage(batch: pa.Table, job_json: str) -> pa.Table:
+    return expand_questions(batch, _plan(job_json).question_ids)
+
+
+def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:
+    return parse_answers(batch, _plan(job_json))
+
+
+def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
+    """The Ray Data graph. Shards of one row group are read together; a note's questions stay in one batch."""
+    import ray.data
+
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+    job_json = job.model_dump_json()
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for shard in pending:
+        groups[(shard.path, shard.row_group)].append(asdict(shard))
+    items = [{"shards": json.dumps(group)} for group in groups.values()]
+    n_questions = len(job.questions)
+    batching = job.batching
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(read_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow")
+        .map_batches(expand_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
+        .map_batches(
+            GenerateAnswers,
+            fn_constructor_kwargs={"job": job.model_dump(mode="json")},
+            compute=ray.data.ActorPoolStrategy(size=batching.actors),
+            batch_size=batching.notes_per_batch * n_questions,
+            num_cpus=batching.cpus_per_actor,
+            num_gpus=batching.gpus_per_actor or None,
+            batch_format="pyarrow",
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
+        )
+        .map_batches(parse_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
+        .map_batches(ground_evidence, batch_size=None, batch_format="pyarrow")
+    )
+
+
+def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, progress=None) -> tuple[dict, RunStats]:
+    """Run the job into its output folder, resuming committed shards; return the report and this run's stats."""
+    from engine.report import build_report
+    from engine.rules import screen
+    from engine.runtime import ensure_ray
+
+    stats = RunStats(actors=job.batching.actors)
+    limit = limit if limit is not None else job.input.limit
+    inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
+    store = OutputStore(job.output.uri, job.output.storage_options)
+    committed = store.prepare(job, inputs, limit, overwrite)
+    pending = [s for s in inputs.shards if s.shard_id not in committed]
+    stats.shards_total, stats.shards_resumed = len(inputs.shards), len(inputs.shards) - len(pending)
+    if progress is not None:
+        progress.start(total_notes=inputs.num_notes, done_notes=inputs.num_notes - sum(s.num_rows for s in pending))
+    if pending:
+        ensure_ray()
+        _stream_answers(job, inputs, pending, store, stats, progress)
+    stats.finished = time.time()
+    answers = store.read_answers()
+    patients, funnel = screen(answers, job)
+    store.write_table("patients/patients.parquet", patients)
+    report = build_report(job, answers, patients, funnel, stats, store)
+    store.write_json("report.json", report)
+    return report, stats
+
+
+def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
+    n_questions = len(job.questions)
+    schema = answer_schema(job, inputs.schema)
+    fingerprint = job.fingerprint()
+    collector = ShardCollector({s.shard_id: s.num_rows * n_questions for s in pending})
+    dataset = build_dataset(job, inputs, pending)
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        if stats.first_result is None:
+            stats.first_result = time.time()
+        stats.engine_seconds += float(pc.sum(batch["batch_seconds"]).as_py() or 0.0)
+        answers = to_answer_table(batch, schema, fingerprint)
+        stats.pairs_processed += answers.num_rows
+        stats.patients_processed.update(answers["patient_id"].unique().to_pylist())
+        for shard_id, table in collector.add(answers):
+            store.commit_shard(shard_id, table)
+            stats.shards_committed += 1
+            stats.notes_processed += table.num_rows // n_questions
+            if progress is not None:
+                progress.advance(table.num_rows // n_questions, table)
+    if collector.incomplete:
+        raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")

@@ -1,0 +1,1 @@
+"""Pipeline stages: pure functions over a pyarrow batch (only generate holds state: the model)."""

@@ -1,0 +1,189 @@
+"""Read: plan the input as shards (stable units of committed output) and read one row group into note rows.
+
+A shard is a slice of one Parquet row group; its id depends only on the file and row range, so a resumed run
+finds the same shards. Every input row yields exactly one note row: bad rows are marked, never dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.errors import InputError
+from engine.job import InputSpec
+from engine.storage import describe_error, filesystem
+
+NOTE_COLUMNS = ["shard_id", "row_number", "note_id", "patient_id", "charttime", "text", "note_error"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    path: str
+    row_group: int
+    start: int  # row offset inside the row group
+    stop: int
+    file_row: int  # row number of `start` inside the file (for error messages)
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    files: list[tuple[str, int]]  # (path, size in bytes)
+    schema: pa.Schema
+    shards: list[Shard]
+
+    @property
+    def num_notes(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+
+def plan_input(spec: InputSpec, notes_per_shard: int, limit: int | None) -> InputPlan:
+    """List the Parquet files, check the columns, cut row groups into shards (first `limit` notes only)."""
+    fs, root = filesystem(spec.uri, spec.storage_options)
+    try:
+        if fs.isdir(root):
+            paths = sorted(p for p in fs.find(root) if p.endswith((".parquet", ".pq")))
+        elif fs.exists(root):
+            paths = [root]
+        else:
+            raise FileNotFoundError(root)
+    except Exception as exc:  # noqa: BLE001 - storage libraries raise many kinds; one clear line instead
+        raise InputError(f"input {spec.uri}: {describe_error(exc)}") from None
+    if not paths:
+        raise InputError(f"input {spec.uri}: no .parquet files found; point input.uri (or --input) at a Parquet file or folder")
+    files, shards, schema, remaining = [], [], None, limit
+    for file_index, path in enumerate(paths):
+        meta = _metadata(fs, path)
+        schema = schema or meta.schema.to_arrow_schema()
+        _check_columns(spec, meta.schema.to_arrow_schema(), path)
+        files.append((path, int(fs.size(path))))
+        file_row = 0
+        for rg in range(meta.num_row_groups):
+            rows = meta.row_group(rg).num_rows
+            for start in range(0, rows, notes_per_shard):
+                stop = min(start + notes_per_shard, rows)
+                if remaining is not None:
+                    stop = min(stop, start + remaining)
+                    remaining -= stop - start
+                shards.append(Shard(f"f{file_index:05d}-g{rg:05d}-r{start:09d}-{stop:09d}", path, rg, start, stop, file_row + start))
+                if remaining == 0:
+                    return InputPlan(files, schema, shards)
+            file_row += rows
+    return InputPlan(files, schema, shards)
+
+
+def _metadata(fs, path: str) -> pq.FileMetaData:
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"input file {path}: cannot read Parquet metadata ({describe_error(exc)}); is it a Parquet file?") from None
+
+
+def _check_columns(spec: InputSpec, schema: pa.Schema, path: str) -> None:
+    wanted = [spec.note_id, spec.patient_id, spec.text, *spec.structured] + ([spec.charttime] if spec.charttime else [])
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"input file {path}: missing column(s) {', '.join(missing)}; columns present: {', '.join(schema.names)}. "
+            "Map them in the job's input: section (note_id, patient_id, text, charttime, structured)."
+        )
+
+
+def read_shards(spec: InputSpec, shards: list[Shard], schema: pa.Schema) -> pa.Table:
+    """Read the shards of one row group (one read) into normalised note rows."""
+    first = shards[0]
+    fs, _ = filesystem(spec.uri, spec.storage_options)
+    columns = list(dict.fromkeys([spec.note_id, spec.patient_id, spec.text, *spec.structured] + ([spec.charttime] if spec.charttime else [])))
+    with fs.open(first.path, "rb") as handle:
+        group = pq.ParquetFile(handle).read_row_group(first.row_group, columns=columns)
+    parts = [normalise_notes(group.slice(s.start, s.num_rows), spec, s, schema) for s in shards]
+    return pa.concat_tables(parts)
+
+
+def normalise_notes(raw: pa.Table, spec: InputSpec, shard: Shard, schema: pa.Schema) -> pa.Table:
+    """Engine column names and types; problems with a row go to `note_error` (the row is kept)."""
+    n = raw.num_rows
+    note_id = _as_string(raw[spec.note_id])
+    patient_id = _as_string(raw[spec.patient_id])
+    text, bad_utf8 = _as_text(raw[spec.text])
+    errors = [None] * n
+    stripped = pc.utf8_trim_whitespace(text)
+    checks = [
+        (pc.is_null(note_id), f"note id column '{spec.note_id}' is empty"),
+        (pc.is_null(patient_id), f"patient id column '{spec.patient_id}' is empty"),
+        (pc.is_null(text), f"text column '{spec.text}' is null"),
+        (pc.equal(pc.fill_null(stripped, "x"), ""), "note text is empty or whitespace only"),
+    ]
+    for mask, message in checks:
+        for i, flagged in enumerate(mask.to_pylist()):
+            if flagged and errors[i] is None:
+                errors[i] = message
+    for i in bad_utf8:
+        errors[i] = errors[i] or f"text column '{spec.text}' is not valid UTF-8 (invalid bytes replaced)"
+    columns = {
+        "shard_id": pa.array([shard.shard_id] * n, pa.string()),
+        "row_number": pa.array(range(shard.file_row, shard.file_row + n), pa.int64()),
+        "note_id": pc.fill_null(note_id, ""),
+        "patient_id": pc.fill_null(patient_id, ""),
+        "charttime": _as_timestamp(raw[spec.charttime]) if spec.charttime else pa.nulls(n, pa.timestamp("us")),
+        "text": pc.fill_null(text, ""),
+        "note_error": pa.array(errors, pa.string()),
+    }
+    for name in spec.structured:
+        columns[name] = _cast_like(raw[name], schema.field(name).type)
+    return pa.table(columns)
+
+
+def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_floating(column.type):  # ids read as float because of nulls: 10000032.0 -> "10000032"
+        return pc.cast(column, pa.int64(), safe=False).cast(pa.string())
+    return column.cast(pa.string())
+
+
+def _as_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[int]]:
+    """Text as UTF-8 strings; binary columns are decoded with invalid bytes replaced and the rows reported."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string()), []
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        values, bad = [], []
+        for i, raw in enumerate(column.to_pylist()):
+            if raw is None:
+                values.append(None)
+                continue
+            try:
+                values.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(raw.decode("utf-8", errors="replace"))
+                bad.append(i)
+        return pa.chunked_array([pa.array(values, pa.string())]), bad
+    return column.cast(pa.string()), []
+
+
+def _as_timestamp(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_timestamp(column.type):
+        return column.cast(pa.timestamp("us"), safe=False)
+    try:
+        return pc.cast(column, pa.timestamp("us"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.chunked_array([pa.nulls(len(column), pa.timestamp("us"))])
+
+
+def _cast_like(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.chunked_array([pa.nulls(len(column), target)])
+
+
+def shard_to_dict(shard: Shard) -> dict:
+    return asdict(shard)

@@ -1,0 +1,6 @@
+"""Answer models: what the model may write for each kind of question. Every field is bounded."""
+
+from schemas.numeric import NumericAnswer
+from schemas.yes_no import YesNoAnswer
+
+__all__ = ["NumericAnswer", "YesNoAnswer"]

