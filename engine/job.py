@@ -92,6 +92,10 @@ class QuestionSpec(Strict):
                 raise ValueError(f"the canonical unit {self.unit!r} must have factor 1 in 'units'")
             if self.minimum >= self.maximum:
                 raise ValueError("'minimum' must be below 'maximum'")
+            if self.rollup in ("any", "all"):
+                raise ValueError(f"rollup '{self.rollup}' is for yes_no questions; numeric questions use max, min or latest")
+            if self.absent == "no":
+                raise ValueError("absent: \"no\" is for yes_no questions; a number not in the note is unknown")
         elif self.unit or self.units:
             raise ValueError("'unit' and 'units' are for numeric questions only")
         return self
@@ -136,9 +140,15 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "JobSpec":
+        direct = [direct_question_for(c) for c in self.criteria if c.direct_question and not self._has(f"{DIRECT_PREFIX}{c.id}")]
+        if direct:  # a criterion asked directly is one more yes/no question, answered and rolled up like the rest
+            object.__setattr__(self, "questions", [*self.questions, *direct])
         names = [q.id for q in self.questions] + [d.id for d in self.derived] + [c.id for c in self.criteria]
-        _check_unique(names, "question/derived/criterion")
+        _check_unique(names + list(self.input.structured) + list(RESERVED_PATIENT_COLUMNS), "question/derived/criterion/structured column")
         return self
+
+    def _has(self, question_id: str) -> bool:
+        return any(q.id == question_id for q in self.questions)
 
     def question(self, question_id: str) -> QuestionSpec:
         for q in self.questions:
@@ -154,6 +164,15 @@ class JobSpec(Strict):
             "questions": [q.model_dump() for q in self.questions],
         }
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DIRECT_PREFIX = "direct_"
+RESERVED_PATIENT_COLUMNS = ("patient_id", "n_notes", "status", "reasons")
+
+
+def direct_question_for(criterion: CriterionSpec) -> QuestionSpec:
+    """The study's comparison (Table 3): the criterion itself asked as one yes/no question."""
+    return QuestionSpec(id=f"{DIRECT_PREFIX}{criterion.id}"[:48], type="yes_no", question=criterion.direct_question, absent="no")
 
 
 def _check_unique(names: list[str], what: str) -> None:

@@ -103,6 +103,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     stats = RunStats(actors=job.batching.actors)
     limit = limit if limit is not None else job.input.limit
     inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
+    _check_rules_against_input(job, inputs)
     store = OutputStore(job.output.uri, job.output.storage_options)
     committed = store.prepare(job, inputs, limit, overwrite)
     pending = [s for s in inputs.shards if s.shard_id not in committed]
@@ -119,6 +120,16 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     report = build_report(job, answers, patients, funnel, stats, store)
     store.write_json("report.json", report)
     return report, stats
+
+
+def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
+    """Rules type-check against the input's real column types (a string `age` cannot be compared with 75)."""
+    from engine.errors import JobError
+    from engine.rules import check_rules
+
+    problems = check_rules(job, {name: inputs.schema.field(name).type for name in job.input.structured})
+    if problems:
+        raise JobError(f"{job.name} (with input {job.input.uri})", problems)
 
 
 def _stream_answers(job, inputs, pending, store, stats, progress) -> None:

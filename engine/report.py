@@ -14,6 +14,7 @@ from engine.job import JobSpec
 
 STATUSES = ("answered", "not_in_note", "error")
 TOP_ERRORS = 10
+UNPARSED_ERRORS = "does not match the answer schema|reached model.max_tokens|returned no output"
 
 
 def hardware_description() -> str:
@@ -52,6 +53,9 @@ def build_report(job: JobSpec, answers: pa.Table, patients: pa.Table, funnel: li
     prompt, cached, completion = (_sum(answers, n) for n in ("prompt_tokens", "cached_tokens", "completion_tokens"))
     generated = int(pc.sum(pc.greater(answers["completion_tokens"].fill_null(0), 0)).as_py() or 0) if answers.num_rows else 0
     notes = answers["note_id"].unique()
+    model_outputs = answers.filter(pc.is_valid(answers["completion_tokens"]))
+    unparsed = model_outputs.filter(pc.and_(pc.equal(model_outputs["status"], "error"),
+                                            pc.match_substring_regex(model_outputs["error"].fill_null(""), UNPARSED_ERRORS)))
     timing = _timing(job, stats, store)
     return {
         "job": job.name,
@@ -74,6 +78,8 @@ def build_report(job: JobSpec, answers: pa.Table, patients: pa.Table, funnel: li
         "prefix_cache_hit_rate": round(cached / prompt, 4) if prompt else None,
         "completion_tokens": completion,
         "completion_tokens_per_answer": round(completion / generated, 2) if generated else None,
+        "model_outputs": model_outputs.num_rows,
+        "schema_valid_rate": round(1 - unparsed.num_rows / model_outputs.num_rows, 6) if model_outputs.num_rows else None,
         "cohort": {"status": _counts(patients["status"]) if "status" in patients.column_names else {}, "funnel": funnel},
         **timing,
     }

@@ -1,0 +1,130 @@
+"""End to end on real components: local Ray, Ray Data actors, a real vLLM CPU engine (tiny random model).
+
+A random model answers noise; the grammar is what makes it parse. These tests check plumbing and guarantees:
+one row per (note, question), exact types, every answered row valid, statuses add up, resume, refusal.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import E2E_NOTES, SAMPLE_NOTES, job_for
+from engine.errors import OutputError
+from engine.output import ANSWER_COLUMNS, read_answers
+
+pytestmark = pytest.mark.e2e
+
+
+def test_one_row_per_note_and_question(e2e_run):
+    job, report, _, output = e2e_run
+    answers = read_answers(str(output))
+    notes = pq.read_table(SAMPLE_NOTES).slice(0, E2E_NOTES)
+    assert answers.num_rows == E2E_NOTES * len(job.questions)
+    pairs = set(zip(answers["note_id"].to_pylist(), answers["question_id"].to_pylist()))
+    assert len(pairs) == answers.num_rows
+    assert {n for n, _ in pairs} == set(notes["note_id"].to_pylist())
+    assert {q for _, q in pairs} == {q.id for q in job.questions}
+    assert report["rows"] == answers.num_rows and report["notes"] == E2E_NOTES
+
+
+def test_exact_column_types(e2e_run):
+    job, _, _, output = e2e_run
+    schema = read_answers(str(output)).schema
+    for name, dtype in ANSWER_COLUMNS.items():
+        assert schema.field(name).type == dtype, name
+    assert schema.field("sex").type == pa.string()
+    assert pa.types.is_integer(schema.field("age").type)
+
+
+def test_statuses_add_up_and_match_report(e2e_run):
+    _, report, _, output = e2e_run
+    answers = read_answers(str(output))
+    counts = {r["values"]: r["counts"] for r in pc.value_counts(answers["status"]).to_pylist()}
+    assert set(counts) <= {"answered", "not_in_note", "error"}
+    assert sum(counts.values()) == answers.num_rows
+    assert {k: v for k, v in report["rows_by_status"].items() if v} == counts
+    errors = answers.filter(pc.equal(answers["status"], "error"))
+    assert pc.all(pc.is_valid(errors["error"])).as_py(), "every error row carries its reason"
+    assert counts.get("answered", 0) > 0, "a constrained random model still yields answered rows"
+
+
+def test_every_answered_row_is_schema_valid(e2e_run):
+    job, report, _, output = e2e_run
+    answers = read_answers(str(output)).to_pylist()
+    for row in answers:
+        if row["status"] != "answered":
+            continue
+        question = job.question(row["question_id"])
+        if question.type == "yes_no":
+            assert row["value_bool"] is not None and row["value_num"] is None
+        else:
+            assert row["value_num"] is not None and row["unit"] in question.units
+            assert question.minimum <= row["value_num"] * question.units[row["unit"]] <= question.maximum
+    invalid = [r for r in answers if r["status"] == "error" and "does not match the answer schema" in (r["error"] or "")]
+    assert invalid == [], "constrained decoding must never produce schema-invalid output"
+    assert report["schema_valid_rate"] == 1.0
+
+
+def test_tokens_and_cost_reported(e2e_run):
+    _, report, stats, _ = e2e_run
+    assert report["prompt_tokens"] > report["computed_prompt_tokens"] > 0, "the shared note prefix is cached"
+    assert report["completion_tokens"] > 0
+    assert report["cost_per_10k_patients_usd"] > 0 and report["seconds_per_pair"] > 0
+    assert stats.shards_committed == stats.shards_total
+
+
+def test_bad_rows_are_kept_with_a_reason(e2e_run):
+    _, _, _, output = e2e_run
+    notes = pq.read_table(SAMPLE_NOTES).slice(0, E2E_NOTES).to_pylist()
+    blank = [n["note_id"] for n in notes if not (n["text"] or "").strip()]
+    answers = read_answers(str(output))
+    for note_id in blank:
+        rows = answers.filter(pc.equal(answers["note_id"], note_id)).to_pylist()
+        assert rows and all(r["status"] == "error" and "empty" in r["error"] for r in rows)
+
+
+def test_patients_and_report_written(e2e_run):
+    _, report, _, output = e2e_run
+    patients = pq.read_table(output / "patients" / "patients.parquet")
+    answers = read_answers(str(output))
+    assert patients.num_rows == len(answers["patient_id"].unique())
+    assert set(patients["status"].to_pylist()) <= {"eligible", "excluded", "needs_review"}
+    on_disk = json.loads((output / "report.json").read_text())
+    assert on_disk["cost_per_10k_patients_usd"] == report["cost_per_10k_patients_usd"]
+
+
+def test_rerun_of_finished_job_does_nothing(e2e_run):
+    from engine.pipeline import run_job
+
+    job, report, _, output = e2e_run
+    before = sorted((output / "answers").iterdir())
+    again, stats = run_job(job, limit=E2E_NOTES)
+    assert stats.pairs_processed == 0 and stats.shards_resumed == stats.shards_total
+    assert sorted((output / "answers").iterdir()) == before
+    assert again["rows"] == report["rows"]
+
+
+def test_output_of_another_job_is_refused(e2e_run):
+    from engine.pipeline import run_job
+
+    job, _, _, _ = e2e_run
+    changed = job.model_copy(update={"questions": job.questions[:-1]})
+    with pytest.raises(OutputError, match="--overwrite"):
+        run_job(changed, limit=E2E_NOTES)
+
+
+def test_null_backend_runs_the_same_pipeline(apixaban_job, ray_local, tmp_path):
+    """The benchmark backend goes through the same stages and output code."""
+    from engine.pipeline import run_job
+
+    job = job_for(apixaban_job, model="null", backend="null", output=tmp_path / "out")
+    report, _ = run_job(job, limit=6)
+    answers = read_answers(str(tmp_path / "out"))
+    assert answers.num_rows == 6 * 23
+    assert report["rows_by_status"]["answered"] == 0
+    assert report["rows_by_status"]["not_in_note"] + report["rows_by_status"]["error"] == answers.num_rows
