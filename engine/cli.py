@@ -16,7 +16,7 @@ from engine.job import JobSpec, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Screen EHR notes for trial cohorts with single-order questions and rules.")
 console = Console(stderr=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 JobArg = Annotated[Path, typer.Argument(help="Job file (YAML), e.g. jobs/apixaban.yaml.")]
 

@@ -27,6 +27,7 @@ from engine.storage import describe_error, filesystem, is_remote, join
 MANIFEST = "_engine.json"
 ANSWERS = "answers"
 PATIENTS = "patients"
+ENGINE_OWNED = (ANSWERS, PATIENTS, "report.json", "report.html", "eval.md", "eval.parquet", MANIFEST)
 
 ANSWER_COLUMNS: dict[str, pa.DataType] = {
     "patient_id": pa.string(),
@@ -86,8 +87,8 @@ class OutputStore:
         manifest = self._manifest(job, inputs, limit)
         try:
             existing = self._read_json(MANIFEST)
-            if overwrite and self.fs.exists(self.root):
-                self.fs.rm(self.root, recursive=True)
+            if overwrite:
+                self._remove_engine_files()
                 existing = None
             elif existing is None and self._has_answers():
                 raise OutputError(f"output {self.uri} holds answers but no {MANIFEST}; it was not written by engine. Use another --output or --overwrite")
@@ -102,6 +103,13 @@ class OutputStore:
             raise
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"output {self.uri}: {describe_error(exc)}") from None
+
+    def _remove_engine_files(self) -> None:
+        """--overwrite deletes what engine writes there, never anything else in the folder."""
+        for name in ENGINE_OWNED:
+            path = join(self.fs, self.root, name)
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
 
     def _manifest(self, job: JobSpec, inputs: InputPlan, limit: int | None) -> dict:
         return {

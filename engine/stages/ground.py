@@ -1,4 +1,9 @@
-"""Ground: find each evidence quote in its note, exactly or by fuzzy alignment (rapidfuzz), and keep the span."""
+"""Ground: find each evidence quote in its note, exactly or by fuzzy alignment (rapidfuzz), and keep the span.
+
+Quotes cannot hold a newline (the grammar forbids escapes), so a quote across a line break, a CRLF or a
+non-breaking space is written with a plain space: alignment runs on a folded copy of the note (whitespace runs
+-> one space, case folded character by character) with a map back to the original offsets.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,21 @@ from rapidfuzz import fuzz
 
 FUZZY_MIN_SCORE = 90.0
 GROUNDING_COLUMNS = {"evidence_start": pa.int32(), "evidence_end": pa.int32(), "grounding": pa.string()}
+_WHITESPACE = re.compile(r"\s+")
+
+
+def fold(text: str) -> tuple[str, list[int]]:
+    """(folded text, original offset of each folded character); folding never changes length per character."""
+    chars, offsets = [], []
+    for match in re.finditer(r"\s+|\S", text):
+        piece = match.group()
+        if piece[0].isspace():
+            chars.append(" ")
+        else:
+            lower = piece.lower()
+            chars.append(lower if len(lower) == 1 else piece)
+        offsets.append(match.start())
+    return "".join(chars), offsets
 
 
 def locate(evidence: str | None, text: str) -> tuple[int | None, int | None, str | None]:
@@ -18,13 +38,28 @@ def locate(evidence: str | None, text: str) -> tuple[int | None, int | None, str
     start = text.find(evidence)
     if start >= 0:
         return start, start + len(evidence), "exact"
-    folded = re.sub(r"\s+", " ", evidence.strip())
-    if len(folded) < 3:
+    quote, _ = fold(_WHITESPACE.sub(" ", evidence.strip()))
+    if len(quote) < 3:
         return None, None, "not_found"
-    alignment = fuzz.partial_ratio_alignment(folded.lower(), text.lower(), score_cutoff=FUZZY_MIN_SCORE)
+    folded, offsets = fold(text)
+    span = _original_span(folded.find(quote), len(quote), offsets, text)
+    if span:
+        return (*span, "exact" if text[span[0]:span[1]] == evidence else "fuzzy")
+    alignment = fuzz.partial_ratio_alignment(quote, folded, score_cutoff=FUZZY_MIN_SCORE)
     if alignment is None:
         return None, None, "not_found"
-    return alignment.dest_start, alignment.dest_end, "fuzzy"
+    span = _original_span(alignment.dest_start, alignment.dest_end - alignment.dest_start, offsets, text)
+    return (*span, "fuzzy") if span else (None, None, "not_found")
+
+
+def _original_span(start: int, length: int, offsets: list[int], text: str) -> tuple[int, int] | None:
+    if start < 0 or length <= 0:
+        return None
+    last = start + length - 1
+    end = offsets[last + 1] if last + 1 < len(offsets) else len(text)
+    while end > offsets[last] + 1 and text[end - 1].isspace():  # a folded space stands for a whole whitespace run
+        end -= 1
+    return offsets[start], end
 
 
 def ground_evidence(batch: pa.Table) -> pa.Table:

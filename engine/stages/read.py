@@ -7,6 +7,7 @@ finds the same shards. Every input row yields exactly one note row: bad rows are
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -170,12 +171,26 @@ def _as_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[int]]:
 
 
 def _as_timestamp(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Naive UTC microseconds. Strings are parsed one by one when the fast cast fails: a bad value becomes null
+    without erasing the others, and ISO strings with an offset ("...Z", "+01:00") are converted to UTC."""
     if pa.types.is_timestamp(column.type):
         return column.cast(pa.timestamp("us"), safe=False)
     try:
         return pc.cast(column, pa.timestamp("us"))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return pa.chunked_array([pa.nulls(len(column), pa.timestamp("us"))])
+        return pa.chunked_array([pa.array([_parse_time(v) for v in column.to_pylist()], pa.timestamp("us"))])
+
+
+def _parse_time(value) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed
 
 
 def _cast_like(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
