@@ -47,13 +47,3 @@ def _forbid_extras(node: object) -> None:
     elif isinstance(node, list):
         for value in node:
             _forbid_extras(value)
-
-
-def answer_template(model: type[BaseModel]) -> str:
-    """A one-line picture of the expected JSON for the prompt (the grammar enforces it anyway)."""
-    fields = model.model_fields
-    if "answer" in fields:
-        return '{"evidence": "<short exact quote, or empty>", "answer": "yes" | "no" | "not_in_note"}'
-    units = fields["unit"].annotation.__args__[0].__args__  # Literal[...] | None
-    unit_list = " | ".join(f'"{u}"' for u in units)
-    return '{"evidence": "<short exact quote, or empty>", "value": "<number>" | null, "unit": ' + unit_list + " | null}"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from engine.constraints import answer_model_for, answer_template, json_schema_for
+from engine.constraints import answer_model_for, json_schema_for
 from engine.job import JobSpec, QuestionSpec
 
 
@@ -15,7 +15,6 @@ class PlannedQuestion:
     spec: QuestionSpec
     answer_model: type[BaseModel]
     json_schema: dict
-    template: str
 
     @property
     def id(self) -> str:
@@ -36,7 +35,7 @@ class Plan:
 def make_plan(job: JobSpec) -> Plan:
     planned = [
         PlannedQuestion(spec=q, answer_model=(m := answer_model_for(q, job.model.evidence_max_chars)),
-                        json_schema=json_schema_for(m), template=answer_template(m))
+                        json_schema=json_schema_for(m))
         for q in job.questions
     ]
     return Plan(job=job, questions=planned, by_id={q.id: q for q in planned})

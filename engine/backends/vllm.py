@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TRUNCATION_MARK = "\n[... note truncated to fit the model's context ...]\n"
 HEAD_SHARE = 0.67  # keep the start (history, problem list) and the end (discharge labs, diagnoses)
 SAFETY_TOKENS = 16
+CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; smaller blocks = more of each note served from cache
 
 
 def _set_cpu_threads(actors: int) -> None:
@@ -75,8 +76,11 @@ class VLLMBackend(Backend):
         if on_gpu:
             options.update(dtype=spec.dtype, gpu_memory_utilization=spec.gpu_memory_utilization,
                            tensor_parallel_size=spec.tensor_parallel_size)
+            if spec.block_size:
+                options.update(block_size=spec.block_size)
         else:
-            options.update(dtype=cpu_dtype() if spec.dtype == "auto" else spec.dtype, enforce_eager=True)
+            options.update(dtype=cpu_dtype() if spec.dtype == "auto" else spec.dtype, enforce_eager=True,
+                           block_size=spec.block_size or CPU_BLOCK_SIZE)
         self.device = "gpu" if on_gpu else "cpu"
         self.llm = LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()

@@ -1,4 +1,8 @@
-"""Prompt rendering: the note comes first so every question of a note shares it as a cached prefix."""
+"""Prompt rendering: the note comes first so every question of a note shares it as a cached prefix.
+
+Everything that does not depend on the question (instructions, both answer formats, the note) is in the shared
+prefix; the per-question suffix is only the question itself, so a note's 23 questions add few computed tokens.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ SYSTEM_PROMPT = (
     "Reply with one JSON object. First quote the shortest exact text from the note that answers the question "
     "as evidence, then give the answer. Only the patient's own findings count: not a family member's, not "
     "negated ('no AF', 'denies'), not ruled out, not hypothetical. If the note does not say, answer "
-    "not_in_note (yes/no questions) or a null value (numbers) with empty evidence."
+    "not_in_note (yes/no questions) or a null value (numbers) with empty evidence.\n"
+    'Yes/no questions: {"evidence": "<exact quote or empty>", "answer": "yes" | "no" | "not_in_note"}\n'
+    'Number questions: {"evidence": "<exact quote or empty>", "value": "<number as written>" | null, "unit": "<unit>" | null}'
 )
 NOTE_HEADER = "NOTE:\n"
 QUESTION_HEADER = "\n\nQUESTION: "
@@ -17,10 +23,11 @@ QUESTION_HEADER = "\n\nQUESTION: "
 
 def render_messages(note_text: str, question: PlannedQuestion) -> list[dict[str, str]]:
     """Chat messages for one (note, question). Everything up to QUESTION_HEADER is identical across questions."""
-    user = f"{NOTE_HEADER}{note_text}{QUESTION_HEADER}{question.spec.question}\nReply as {question.template}"
+    user = f"{NOTE_HEADER}{note_text}{QUESTION_HEADER}{question.spec.question}{_unit_hint(question)}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def prompt_overhead_chars(question: PlannedQuestion) -> int:
-    """Characters a prompt adds around the note (for budgeting the note against the context length)."""
-    return len(render_messages("", question)[0]["content"]) + len(render_messages("", question)[1]["content"])
+def _unit_hint(question: PlannedQuestion) -> str:
+    if question.spec.type != "numeric":
+        return ""
+    return f" (unit: {' or '.join(question.spec.units)})"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engine.job import load_job
 from engine.plan import make_plan
-from engine.stages.prompt import NOTE_HEADER, QUESTION_HEADER, SYSTEM_PROMPT, prompt_overhead_chars, render_messages
+from engine.stages.prompt import NOTE_HEADER, QUESTION_HEADER, SYSTEM_PROMPT, render_messages
 
 PLAN = make_plan(load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml"))
 NOTE = "Discharge summary.\r\nHx: atrial fibrillation, Cr 1.4 mg/dL \u2265 baseline, QUESTION: not a real one.\n\n\u00b5 \U0001F600"
@@ -43,14 +43,14 @@ def test_every_question_pair_shares_the_note_prefix():
         assert user["content"].startswith(prefix), question.id
 
 
-def test_the_note_comes_before_the_question_and_the_answer_template():
+def test_the_note_comes_before_the_question_and_the_unit_hint():
     question = PLAN.by_id["creatinine_max"]
     user = render_messages(NOTE, question)[1]["content"]
     note_at = user.index(NOTE)
     question_at = user.index(question.spec.question)
     assert note_at < user.index(QUESTION_HEADER) < question_at
     assert user.rindex(QUESTION_HEADER) == len(NOTE_HEADER) + len(NOTE)  # the header that counts follows the note
-    assert user.index(question.template) > question_at
+    assert user.index("(unit: mg/dL or umol/L)") > question_at
     assert NOTE not in render_messages(NOTE, question)[0]["content"]
 
 
@@ -67,8 +67,11 @@ def test_different_notes_differ_right_after_the_note_header():
     assert common_prefix(a, b).endswith(NOTE_HEADER)
 
 
-def test_prompt_overhead_counts_everything_but_the_note():
-    for question in (PLAN.by_id["atrial_fibrillation"], PLAN.by_id["platelets_min"]):
-        messages = render_messages(NOTE, question)
-        total = sum(len(m["content"]) for m in messages)
-        assert prompt_overhead_chars(question) == total - len(NOTE)
+def test_the_suffix_after_the_note_is_only_the_question():
+    """Answer formats live in the shared prefix; the per-question suffix stays short (fewer computed tokens)."""
+    for question in PLAN.questions:
+        user = render_messages(NOTE, question)[1]["content"]
+        suffix = user[len(NOTE_HEADER) + len(NOTE):]
+        assert suffix.startswith(QUESTION_HEADER + question.spec.question)
+        assert len(suffix) <= len(QUESTION_HEADER) + len(question.spec.question) + 60
+    assert '"answer": "yes" | "no" | "not_in_note"' in SYSTEM_PROMPT and '"value":' in SYSTEM_PROMPT
