@@ -54,7 +54,7 @@ def test_apixaban_job_loads_with_23_questions():
     assert job.question("creatinine_max").unit == "mg/dL"
     assert job.question("creatinine_max").units["umol/L"] == pytest.approx(0.01131)
     assert len(job.criteria) == 11
-    assert job.model.evidence_max_chars == 120
+    assert job.model.evidence_max_chars == 80
 
 
 def test_every_numeric_question_lists_its_canonical_unit_with_factor_one():
