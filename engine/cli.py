@@ -123,6 +123,57 @@ def rules(
     console.print(f"patients/ written to {target} ({patients.num_rows} patients, {time.perf_counter() - started:.2f} s)")
 
 
+@app.command()
+def estimate(
+    job_path: JobArg,
+    patients: Annotated[int, typer.Option("--patients", min=1, help="Patients to project for.")] = 10_000,
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="Shipped profile(s): h100, a100, l4 (default: all).")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Also measure this machine with the job's model on a few notes (minutes on CPU).")] = False,
+    price: Annotated[Optional[list[str]], typer.Option("--price", help="Override a price per GPU-hour: NAME=USD, e.g. h100=2.5.")] = None,
+) -> None:
+    """Project wall time, GPU-hours and dollars for N patients from the job's token counts and a throughput profile."""
+    from engine.estimate import calibrate as run_calibration
+    from engine.estimate import measure_workload, project, shipped_profiles
+    from engine.output import OutputStore
+
+    try:
+        job = _load(job_path)
+        prices = dict(_parse_price(p) for p in price or [])
+        profiles = shipped_profiles(prices)
+        unknown = [g for g in gpu or [] if g not in profiles]
+        if unknown:
+            raise EngineError(f"unknown GPU profile(s) {', '.join(unknown)}; known: {', '.join(profiles)}")
+        chosen = [profiles[g] for g in (gpu or profiles)]
+        previous = OutputStore(job.output.uri, job.output.storage_options)._read_json("report.json") or {}
+        workload = measure_workload(job, answer_tokens=previous.get("completion_tokens_per_answer"), block_size=job.model.block_size or 16)
+        if calibrate:
+            chosen.append(run_calibration(job))
+    except EngineError as exc:
+        _fail(exc)
+        return
+    console.print(f"Workload ({workload.notes_sampled} sampled notes, {workload.tokenizer}): {workload.questions} questions, "
+                  f"{workload.note_tokens:.0f} prefix tokens/note, answers {workload.answer_tokens:.1f} tokens ({workload.answer_tokens_source}).")
+    table = Table(title=f"Projection for {patients:,} patients")
+    for name in ("profile", "s/note", "GPU-hours", "USD", "USD per 10k patients"):
+        table.add_column(name, justify="left" if name == "profile" else "right")
+    results = [project(workload, p, patients) for p in chosen]
+    for r in results:
+        table.add_row(r["profile"], f"{r['seconds_per_note']:.4f}", f"{r['gpu_hours']:.2f}", f"{r['usd']:,.2f}", f"{r['usd_per_10k_patients']:,.2f}")
+    console.print(table)
+    for r in results:
+        console.print(f"[bold]{r['profile']}[/] ({r['source']})")
+        for line in r["arithmetic"]:
+            console.print(f"  {line}", markup=False, soft_wrap=True)
+
+
+def _parse_price(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise EngineError(f"--price {text!r}: write NAME=USD, e.g. h100=2.5") from None
+
+
 def print_funnel(funnel: list[dict], patients) -> None:
     table = Table(title="Cohort funnel")
     for name in ("criterion", "kind", "met", "not_met", "unknown", "remaining"):

@@ -145,11 +145,11 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
         answers = to_answer_table(batch, schema, fingerprint)
         stats.pairs_processed += answers.num_rows
         stats.patients_processed.update(answers["patient_id"].unique().to_pylist())
+        if progress is not None:
+            progress.advance(answers.num_rows / n_questions, answers)
         for shard_id, table in collector.add(answers):
             store.commit_shard(shard_id, table)
             stats.shards_committed += 1
             stats.notes_processed += table.num_rows // n_questions
-            if progress is not None:
-                progress.advance(table.num_rows // n_questions, table)
     if collector.incomplete:
         raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")

@@ -34,7 +34,8 @@ class RunProgress:
         self.progress.start()
         self.task = self.progress.add_task("notes", total=total_notes, completed=done_notes, rate="", status="starting (Ray, model)...")
 
-    def advance(self, notes: int, table: pa.Table) -> None:
+    def advance(self, notes: float, table: pa.Table) -> None:
+        """Called for every batch that comes back (a shard is committed when all its batches are in)."""
         self.done += notes
         self.pairs += table.num_rows
         for row in pc.value_counts(table["status"]).to_pylist():
@@ -44,7 +45,7 @@ class RunProgress:
         self.progress.update(self.task, advance=notes, rate=f"{self.pairs / elapsed:.1f} pairs/s", status=status)
         if not self.console.is_terminal and time.time() - self.last_line > PLAIN_EVERY_SECONDS:
             self.last_line = time.time()
-            self.console.print(f"notes {self.done}/{self.total}  {self.pairs / elapsed:.1f} pairs/s  {status}")
+            self.console.print(f"notes {self.done:.0f}/{self.total}  {self.pairs / elapsed:.1f} pairs/s  {status}")
 
     def stop(self) -> None:
         self.progress.stop()
