@@ -12,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SAMPLE_NOTES = ROOT / "data" / "sample_notes.parquet"
 APIXABAN_JOB = ROOT / "jobs" / "apixaban.yaml"
-E2E_NOTES = 10
+E2E_SAMPLE_NOTES = 10  # the first bundled notes (one over 12,000 characters, one of a few words) ...
+E2E_BAD_ROWS = 4  # ... plus a duplicate note id, a null text, a whitespace-only text and a table of odd characters
+E2E_NOTES = E2E_SAMPLE_NOTES + E2E_BAD_ROWS
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +54,30 @@ def job_for(apixaban_job, *, model: str, output: Path, backend: str = "vllm", in
 
 
 @pytest.fixture(scope="session")
-def e2e_run(apixaban_job, tiny_model, ray_local, tmp_path_factory):
-    """The real pipeline once: local Ray, a real vLLM CPU engine with a tiny random model, bundled notes."""
+def e2e_input(tmp_path_factory) -> Path:
+    """Bundled notes plus the bad rows real extracts have."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    notes = pq.read_table(SAMPLE_NOTES).slice(0, E2E_SAMPLE_NOTES)
+    first = notes.slice(0, 1).to_pylist()[0]
+    odd = "Labs\t| Day 1 | Day 2\r\nCr\t| 1.2 | 2.9 µmol/L ≥ ±\u00a0\U0001F600\r\nHgb | 9.1 | 8.7 g/dL"
+    bad = [dict(first, text="A second note that reuses the first note's id."),
+           dict(first, note_id="bad-null-text", text=None),
+           dict(first, note_id="bad-blank", text=" \r\n\t "),
+           dict(first, note_id="odd-characters", text=odd)]
+    path = tmp_path_factory.mktemp("e2e-input") / "notes.parquet"
+    pq.write_table(pa.concat_tables([notes, pa.Table.from_pylist(bad, schema=notes.schema)]), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def e2e_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_input):
+    """The real pipeline once: local Ray, a real vLLM CPU engine with a tiny random model, bundled and bad notes."""
     from engine.pipeline import run_job
 
     output = tmp_path_factory.mktemp("e2e-output")
-    job = job_for(apixaban_job, model=str(tiny_model), output=output, evidence_max_chars=24, max_tokens=64)
+    job = job_for(apixaban_job, model=str(tiny_model), output=output, input_uri=str(e2e_input),
+                  evidence_max_chars=24, max_tokens=64)
     report, stats = run_job(job, limit=E2E_NOTES)
     return job, report, stats, output

@@ -6,7 +6,7 @@ finds the same shards. Every input row yields exactly one note row: bad rows are
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -28,6 +28,7 @@ class Shard:
     start: int  # row offset inside the row group
     stop: int
     file_row: int  # row number of `start` inside the file (for error messages)
+    duplicates: tuple = ()  # (row_number, note_id, first file, first row) of rows whose note id was seen before
 
     @property
     def num_rows(self) -> int:
@@ -75,9 +76,37 @@ def plan_input(spec: InputSpec, notes_per_shard: int, limit: int | None) -> Inpu
                     remaining -= stop - start
                 shards.append(Shard(f"f{file_index:05d}-g{rg:05d}-r{start:09d}-{stop:09d}", path, rg, start, stop, file_row + start))
                 if remaining == 0:
-                    return InputPlan(files, schema, shards)
+                    return InputPlan(files, schema, _mark_duplicates(fs, spec, shards))
             file_row += rows
-    return InputPlan(files, schema, shards)
+    return InputPlan(files, schema, _mark_duplicates(fs, spec, shards))
+
+
+def _mark_duplicates(fs, spec: InputSpec, shards: list[Shard]) -> list[Shard]:
+    """A note id that occurs twice is answered once, at its first row (file order); later rows become error
+    rows that name the first. Reads only the id column, so it stays cheap for millions of notes."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    repeated: dict[tuple[str, int], list] = {}
+    for path in dict.fromkeys(s.path for s in shards):
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            file_row = 0
+            for rg in range(parquet.num_row_groups):
+                ids = _as_string(parquet.read_row_group(rg, columns=[spec.note_id])[spec.note_id]).to_pylist()
+                for offset, note_id in enumerate(ids):
+                    if note_id is None:
+                        continue
+                    if note_id in first_seen:
+                        repeated.setdefault((path, rg), []).append((file_row + offset, note_id, *first_seen[note_id]))
+                    else:
+                        first_seen[note_id] = (path, file_row + offset)
+                file_row += len(ids)
+    if not repeated:
+        return shards
+    marked = []
+    for shard in shards:
+        rows = tuple(d for d in repeated.get((shard.path, shard.row_group), ()) if shard.file_row <= d[0] < shard.file_row + shard.num_rows)
+        marked.append(replace(shard, duplicates=rows) if rows else shard)
+    return marked
 
 
 def _metadata(fs, path: str) -> pq.FileMetaData:
@@ -129,6 +158,9 @@ def normalise_notes(raw: pa.Table, spec: InputSpec, shard: Shard, schema: pa.Sch
                 errors[i] = message
     for i in bad_utf8:
         errors[i] = errors[i] or f"text column '{spec.text}' is not valid UTF-8 (invalid bytes replaced)"
+    for row_number, repeated_id, first_path, first_row in shard.duplicates:
+        i = row_number - shard.file_row
+        errors[i] = errors[i] or f"duplicate note id {repeated_id!r}: answered once, at row {first_row} of {first_path.rsplit('/', 1)[-1]}"
     columns = {
         "shard_id": pa.array([shard.shard_id] * n, pa.string()),
         "row_number": pa.array(range(shard.file_row, shard.file_row + n), pa.int64()),

@@ -13,23 +13,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import E2E_NOTES, SAMPLE_NOTES, job_for
+from conftest import E2E_NOTES, E2E_SAMPLE_NOTES, job_for
 from engine.errors import OutputError
 from engine.output import ANSWER_COLUMNS, read_answers
 
 pytestmark = pytest.mark.e2e
 
 
-def test_one_row_per_note_and_question(e2e_run):
+def test_one_row_per_input_row_and_question(e2e_run, e2e_input):
     job, report, _, output = e2e_run
     answers = read_answers(str(output))
-    notes = pq.read_table(SAMPLE_NOTES).slice(0, E2E_NOTES)
     assert answers.num_rows == E2E_NOTES * len(job.questions)
-    pairs = set(zip(answers["note_id"].to_pylist(), answers["question_id"].to_pylist()))
-    assert len(pairs) == answers.num_rows
-    assert {n for n, _ in pairs} == set(notes["note_id"].to_pylist())
-    assert {q for _, q in pairs} == {q.id for q in job.questions}
-    assert report["rows"] == answers.num_rows and report["notes"] == E2E_NOTES
+    rows = set(zip(answers["row_number"].to_pylist(), answers["question_id"].to_pylist()))
+    assert len(rows) == answers.num_rows, "every (input row, question) exactly once"
+    assert {r for r, _ in rows} == set(range(E2E_NOTES))
+    assert {q for _, q in rows} == {q.id for q in job.questions}
+    assert set(answers["note_id"].to_pylist()) == set(pq.read_table(e2e_input)["note_id"].to_pylist())
+    assert report["rows"] == answers.num_rows
 
 
 def test_exact_column_types(e2e_run):
@@ -78,14 +78,37 @@ def test_tokens_and_cost_reported(e2e_run):
     assert stats.shards_committed == stats.shards_total
 
 
+def rows_of(answers, column, value):
+    return answers.filter(pc.equal(answers[column], value)).to_pylist()
+
+
 def test_bad_rows_are_kept_with_a_reason(e2e_run):
     _, _, _, output = e2e_run
-    notes = pq.read_table(SAMPLE_NOTES).slice(0, E2E_NOTES).to_pylist()
-    blank = [n["note_id"] for n in notes if not (n["text"] or "").strip()]
     answers = read_answers(str(output))
-    for note_id in blank:
-        rows = answers.filter(pc.equal(answers["note_id"], note_id)).to_pylist()
-        assert rows and all(r["status"] == "error" and "empty" in r["error"] for r in rows)
+    expected = {"bad-null-text": "is null", "bad-blank": "empty or whitespace only"}
+    for note_id, reason in expected.items():
+        rows = rows_of(answers, "note_id", note_id)
+        assert len(rows) == 23 and all(r["status"] == "error" and reason in r["error"] for r in rows)
+    duplicate = rows_of(answers, "row_number", E2E_SAMPLE_NOTES)
+    assert len(duplicate) == 23 and all(r["status"] == "error" and "duplicate note id" in r["error"] and "row 0" in r["error"] for r in duplicate)
+    original = rows_of(answers, "row_number", 0)
+    assert not any("duplicate" in (r["error"] or "") for r in original), "the first occurrence is answered"
+    odd = rows_of(answers, "note_id", "odd-characters")
+    assert len(odd) == 23 and all(r["status"] in ("answered", "not_in_note", "error") for r in odd)
+    assert not any("note" in (r["error"] or "") and "empty" in (r["error"] or "") for r in odd)
+
+
+def test_notes_longer_than_the_context_are_truncated_and_marked(e2e_run, e2e_input):
+    job, report, _, output = e2e_run
+    notes = pq.read_table(e2e_input).to_pylist()
+    long_ids = {n["note_id"] for n in notes if len(n["text"] or "") > 4 * job.model.max_model_len}
+    assert long_ids, "the e2e input holds a note longer than the test model's context"
+    answers = read_answers(str(output))
+    for note_id in long_ids:
+        rows = rows_of(answers, "note_id", note_id)
+        assert all(r["truncated"] for r in rows if r["completion_tokens"] is not None)
+        assert all(r["prompt_tokens"] <= job.model.max_model_len for r in rows if r["prompt_tokens"])
+    assert report["notes_truncated"] >= len(long_ids)
 
 
 def test_patients_and_report_written(e2e_run):

@@ -224,3 +224,21 @@ def test_charttime_strings_with_a_utc_offset_are_kept():
                       "charttime": ["2150-01-01T08:00:00Z", "2150-01-02T10:00:00+01:00"]})
     notes = normalise_notes(table, InputSpec(uri="x"), Shard("s0", "x", 0, 0, 2, 0), table.schema)
     assert notes["charttime"].to_pylist() == [datetime(2150, 1, 1, 8), datetime(2150, 1, 2, 9)]
+
+
+def test_duplicate_note_ids_are_answered_once_at_their_first_row(tmp_path):
+    """Across files and row groups: the first row (file order) keeps the id, later rows name it."""
+    (tmp_path / "in").mkdir()
+    first = note_rows("n", 4)
+    second = note_rows("m", 3).set_column(0, "note_id", pa.array(["m-0", "n-2", "n-2"]))
+    pq.write_table(first, tmp_path / "in" / "a.parquet", row_group_size=2)
+    pq.write_table(second, tmp_path / "in" / "b.parquet")
+    spec = spec_for(str(tmp_path / "in"))
+    plan = plan_input(spec, notes_per_shard=2, limit=None)
+    notes = all_notes(spec, plan).to_pylist()
+    assert len(notes) == 7, "no row is dropped"
+    marked = [n for n in notes if n["note_error"] and "duplicate note id" in n["note_error"]]
+    assert [(n["note_id"], n["row_number"]) for n in marked] == [("n-2", 1), ("n-2", 2)]
+    assert all("row 2 of a.parquet" in n["note_error"] for n in marked)
+    kept = [n for n in notes if n["note_id"] == "n-2" and n["shard_id"].startswith("f00000")]
+    assert len(kept) == 1 and kept[0]["note_error"] is None
