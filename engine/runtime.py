@@ -30,6 +30,8 @@ def ensure_ray(verbose: bool = False) -> None:
             options.update(num_cpus=max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
                            object_store_memory=int(os.environ.get("ENGINE_OBJECT_STORE_BYTES", 1 << 30)))
         ray.init(**options)
+    if not verbose:  # Ray Data's INFO lines ("execution finished in ...") are noise next to the engine's summary
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = DataContext.get_current()
     context.target_max_block_size = TARGET_BLOCK_BYTES
     context.enable_progress_bars = verbose
