@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.plan import Plan, PlannedQuestion
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """One (note, question). A tuple: millions are made per run, so it must be cheap."""
+
     note_key: str
     note_text: str
     question: PlannedQuestion
 
 
-@dataclass
+@dataclass(slots=True)
 class Generation:
     """What the model wrote for one request, with its token accounting. `text` None means no output."""
 

@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 
 from engine.backends.base import Backend, Generation, Request
+from engine.plan import Plan
+
+NOT_IN_NOTE = {
+    "yes_no": json.dumps({"evidence": "", "answer": "not_in_note"}),
+    "numeric": json.dumps({"evidence": "", "value": None, "unit": None}),
+}
 
 
 class NullBackend(Backend):
     name = "null"
 
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.answers = {q.id: NOT_IN_NOTE[q.spec.type] for q in plan.questions}
+
     def generate(self, requests: list[Request]) -> list[Generation]:
-        return [Generation(text=_not_in_note(r)) for r in requests]
+        return [Generation(text=self.answers[r.question.id]) for r in requests]
 
     @property
     def model_name(self) -> str:
         return "null"
-
-
-def _not_in_note(request: Request) -> str:
-    if request.question.spec.type == "yes_no":
-        return json.dumps({"evidence": "", "answer": "not_in_note"})
-    return json.dumps({"evidence": "", "value": None, "unit": None})

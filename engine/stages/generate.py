@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.backends import Request, load_backend
 from engine.job import JobSpec
@@ -22,6 +23,26 @@ GENERATION_COLUMNS = {
 }
 
 
+def _texts(text: pa.Array):
+    """Row -> note text without copying the text per question (the column is dictionary-encoded per note)."""
+    if pa.types.is_dictionary(text.type):
+        notes = text.dictionary.to_pylist()
+        indices = text.indices.to_pylist()
+        return lambda row: notes[indices[row]]
+    values = text.to_pylist()
+    return lambda row: values[row]
+
+
+def _scatter(values: list, rows: list[int], n: int, dtype: pa.DataType) -> pa.Array:
+    """Values for `rows` of an n-row column, null elsewhere (rows whose note already failed)."""
+    if len(rows) == n:
+        return pa.array(values, dtype)
+    full = [None] * n
+    for row, value in zip(rows, values):
+        full[row] = value
+    return pa.array(full, dtype)
+
+
 class GenerateAnswers:
     """Ray Data actor UDF. Rows whose note already failed (`note_error`) are not sent to the model."""
 
@@ -31,27 +52,28 @@ class GenerateAnswers:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
+        n = batch.num_rows
         notes = batch["note_id"].to_pylist()
-        texts = batch["text"].to_pylist()
+        text_of = _texts(batch["text"].combine_chunks())
         questions = batch["question_id"].to_pylist()
-        note_errors = batch["note_error"].to_pylist()
-        todo = [i for i, problem in enumerate(note_errors) if problem is None]
-        requests = [Request(notes[i], texts[i], self.plan.by_id[questions[i]]) for i in todo]
+        todo = pc.indices_nonzero(pc.is_null(batch["note_error"])).to_pylist()
+        by_id = self.plan.by_id
+        requests = [Request(notes[i], text_of(i), by_id[questions[i]]) for i in todo]
         generations = self.backend.generate(requests) if requests else []
-        values = {name: [None] * batch.num_rows for name in GENERATION_COLUMNS}
-        for i, generation in zip(todo, generations):
-            values["raw_output"][i] = generation.text
-            values["finish_reason"][i] = generation.finish_reason
-            values["prompt_tokens"][i] = generation.prompt_tokens
-            values["cached_tokens"][i] = generation.cached_tokens
-            values["completion_tokens"][i] = generation.completion_tokens
-            values["truncated"][i] = generation.truncated
-            values["generation_error"][i] = generation.error
-        values["model"] = [self.backend.model_name] * batch.num_rows
-        for name, dtype in GENERATION_COLUMNS.items():
-            batch = batch.append_column(name, pa.array(values[name], dtype))
+        columns = {
+            "raw_output": [g.text for g in generations],
+            "finish_reason": [g.finish_reason for g in generations],
+            "prompt_tokens": [g.prompt_tokens for g in generations],
+            "cached_tokens": [g.cached_tokens for g in generations],
+            "completion_tokens": [g.completion_tokens for g in generations],
+            "truncated": [g.truncated for g in generations],
+            "generation_error": [g.error for g in generations],
+        }
+        for name, values in columns.items():
+            batch = batch.append_column(name, _scatter(values, todo, n, GENERATION_COLUMNS[name]))
+        batch = batch.append_column("model", pa.array([self.backend.model_name] * n, pa.string()))
         seconds = time.perf_counter() - started
-        return batch.append_column("batch_seconds", pa.array([seconds / max(batch.num_rows, 1)] * batch.num_rows, pa.float64()))
+        return batch.append_column("batch_seconds", pa.array([seconds / max(n, 1)] * n, pa.float64()))
 
     def __del__(self):
         backend = getattr(self, "backend", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from rapidfuzz import fuzz
 
 FUZZY_MIN_SCORE = 90.0
@@ -63,8 +64,23 @@ def _original_span(start: int, length: int, offsets: list[int], text: str) -> tu
 
 
 def ground_evidence(batch: pa.Table) -> pa.Table:
-    texts = batch["text"].to_pylist()
-    found = [locate(evidence, text) for evidence, text in zip(batch["evidence"].to_pylist(), texts)]
-    for position, (name, dtype) in enumerate(GROUNDING_COLUMNS.items()):
-        batch = batch.append_column(name, pa.array([row[position] for row in found], dtype))
+    """Only rows with a quote are looked at; the note text is read through its dictionary (once per note)."""
+    n = batch.num_rows
+    starts, ends, statuses = [None] * n, [None] * n, [None] * n
+    evidence = batch["evidence"].combine_chunks()
+    quoted = pc.indices_nonzero(pc.fill_null(pc.greater(pc.utf8_length(evidence), 0), False)).to_pylist()
+    if quoted:
+        text_of = _text_lookup(batch["text"].combine_chunks())
+        quotes = evidence.take(pa.array(quoted)).to_pylist()
+        for row, quote in zip(quoted, quotes):
+            starts[row], ends[row], statuses[row] = locate(quote, text_of(row))
+    for name, values in zip(GROUNDING_COLUMNS, (starts, ends, statuses)):
+        batch = batch.append_column(name, pa.array(values, GROUNDING_COLUMNS[name]))
     return batch.drop_columns(["text"])
+
+
+def _text_lookup(text: pa.Array):
+    if pa.types.is_dictionary(text.type):
+        indices, dictionary = text.indices, text.dictionary
+        return lambda row: dictionary[indices[row].as_py()].as_py()
+    return lambda row: text[row].as_py()

@@ -6,6 +6,7 @@ Statuses: answered, not_in_note, error (with the reason in `error`). Nothing is 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from engine.plan import Plan
@@ -22,21 +23,37 @@ MAX_ERROR_CHARS = 300
 
 
 def parse_answers(batch: pa.Table, plan: Plan) -> pa.Table:
-    columns = {name: [] for name in ANSWER_FIELDS}
-    rows = zip(
-        batch["question_id"].to_pylist(),
-        batch["note_error"].to_pylist(),
-        batch["generation_error"].to_pylist(),
-        batch["finish_reason"].to_pylist(),
-        batch["raw_output"].to_pylist(),
-    )
-    for question_id, note_error, generation_error, finish_reason, raw in rows:
-        parsed = parse_one(plan, question_id, note_error or generation_error, finish_reason, raw)
-        for name in ANSWER_FIELDS:
-            columns[name].append(parsed.get(name))
+    """Each distinct (question, problem, finish reason, output) is validated once, then spread to its rows:
+    with millions of rows most outputs repeat ("not in note"), and the work stays per distinct answer."""
+    if batch.num_rows == 0:
+        for name, dtype in ANSWER_FIELDS.items():
+            batch = batch.append_column(name, pa.array([], dtype))
+        return batch.drop_columns(["raw_output", "generation_error", "note_error"])
+    keys = [_as_plain_string(batch[name]) for name in ("question_id", "note_error", "generation_error", "finish_reason", "raw_output")]
+    joined = pc.binary_join_element_wise(*[pc.fill_null(k, "") for k in keys], SEPARATOR)
+    encoded = joined.combine_chunks().dictionary_encode() if isinstance(joined, pa.ChunkedArray) else joined.dictionary_encode()
+    firsts = _first_index_per_code(encoded.indices)
+    parts = [k.combine_chunks().take(pa.array(firsts)).to_pylist() for k in keys]
+    distinct = [parse_one(plan, q, ne or ge, fr, raw) for q, ne, ge, fr, raw in zip(*parts)]
     for name, dtype in ANSWER_FIELDS.items():
-        batch = batch.append_column(name, pa.array(columns[name], dtype))
+        values = pa.array([d.get(name) for d in distinct], dtype)
+        batch = batch.append_column(name, values.take(encoded.indices))
     return batch.drop_columns(["raw_output", "generation_error", "note_error"])
+
+
+SEPARATOR = "\x1f"
+
+
+def _as_plain_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
+def _first_index_per_code(codes: pa.Array) -> list[int]:
+    import numpy as np
+
+    values = codes.to_numpy(zero_copy_only=False)
+    _, first = np.unique(values, return_index=True)
+    return first.tolist()
 
 
 def parse_one(plan: Plan, question_id: str, problem: str | None, finish_reason: str | None, raw: str | None) -> dict:

@@ -1,0 +1,133 @@
+"""Bounded memory at scale (run on demand): 100k and 1M generated notes through the whole engine pipeline with
+the null backend, and bare Ray Data doing only read -> 23 rows per note -> null answer -> write on the same
+extract. Prints wall time, rows/s, peak system memory and the engine/bare ratio.
+
+    .venv/bin/python benchmarks/scale.py --notes 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = 23
+
+
+class PeakMemory:
+    """Peak of system memory in use (MemTotal - MemAvailable), sampled every 0.2 s, minus the starting level."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def used() -> int:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        kib = lambda key: int(info[key].split()[0])  # noqa: E731
+        return (kib("MemTotal") - kib("MemAvailable")) * 1024
+
+    def __enter__(self):
+        self.start = self.used()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+def write_extract(folder: Path, notes: int) -> None:
+    from engine.synthetic import make_extract
+
+    folder.mkdir(parents=True)
+    for i, table in enumerate(make_extract(notes)):
+        pq.write_table(table, folder / f"part-{i:04d}.parquet", row_group_size=50_000)
+
+
+def bare_ray_data(extract: Path, out: Path) -> int:
+    import numpy as np
+    import ray.data
+
+    def expand(batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        idx = pa.array(np.repeat(np.arange(n, dtype=np.int32), QUESTIONS))
+        return pa.table({
+            "note_id": batch["note_id"].combine_chunks().take(idx),
+            "text": pa.DictionaryArray.from_arrays(idx, batch["text"].combine_chunks()),
+            "question_id": pa.array(np.tile(np.arange(QUESTIONS, dtype=np.int32), n)),
+        })
+
+    def null_answer(batch: pa.Table) -> pa.Table:
+        return pa.table({"note_id": batch["note_id"], "question_id": batch["question_id"],
+                         "status": pa.array(["not_in_note"] * batch.num_rows)})
+
+    ds = ray.data.read_parquet(str(extract)).select_columns(["note_id", "text"])
+    ds = ds.map_batches(expand, batch_format="pyarrow", batch_size=None).map_batches(null_answer, batch_format="pyarrow", batch_size=None)
+    ds.write_parquet(str(out))
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
+
+
+def engine_run(extract: Path, out: Path) -> int:
+    from engine.job import load_job
+    from engine.pipeline import run_job
+
+    job = load_job(ROOT / "jobs" / "apixaban.yaml")
+    job = job.model_copy(update={
+        "input": job.input.model_copy(update={"uri": str(extract), "limit": None}),
+        "output": job.output.model_copy(update={"uri": str(out)}),
+        "model": job.model.model_copy(update={"backend": "null", "name": "null"}),
+        "batching": job.batching.model_copy(update={"notes_per_shard": 25_000, "notes_per_batch": 2_000, "actors": 2, "cpus_per_actor": 0.5}),
+    })
+    report, _ = run_job(job, overwrite=True)
+    return report["rows"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--notes", type=int, nargs="+", default=[100_000, 1_000_000])
+    args = parser.parse_args()
+    from engine.runtime import ensure_ray
+
+    ensure_ray()
+    scratch = Path(tempfile.mkdtemp(prefix="engine-scale-"))
+    rows = []
+    try:
+        for notes in args.notes:
+            extract = scratch / f"extract-{notes}"
+            write_extract(extract, notes)
+            for name, fn in (("bare Ray Data", bare_ray_data), ("engine (null model)", engine_run)):
+                out = scratch / f"out-{name.split()[0]}-{notes}"
+                with PeakMemory() as memory:
+                    started = time.perf_counter()
+                    written = fn(extract, out)
+                    wall = time.perf_counter() - started
+                rows.append((notes, name, written, wall, memory.peak / 2**30, (memory.peak - memory.start) / 2**30))
+                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(extract, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\n{'notes':>9} {'run':22} {'rows':>11} {'wall s':>8} {'rows/s':>11} {'peak GiB':>9} {'+GiB':>6} {'engine/bare':>12}")
+    bare = {}
+    for notes, name, written, wall, peak, delta in rows:
+        if name.startswith("bare"):
+            bare[notes] = wall
+        ratio = f"{wall / bare[notes]:.2f}x" if not name.startswith("bare") and notes in bare else "-"
+        print(f"{notes:>9,} {name:22} {written:>11,} {wall:>8.1f} {written / wall:>11,.0f} {peak:>9.2f} {delta:>6.2f} {ratio:>12}")
+
+
+if __name__ == "__main__":
+    main()
