@@ -65,6 +65,8 @@ def run(
 
             ensure_ray(verbose=True)
         _warn_embedded(job)
+        for warning in batching_warnings(job):
+            console.print(f"[yellow]Warning:[/] {warning}", soft_wrap=True)
         progress = RunProgress(console)
         try:
             report, stats = run_job(job, limit=limit, overwrite=overwrite, progress=progress)
@@ -76,6 +78,21 @@ def run(
     if stats.shards_resumed == stats.shards_total:
         console.print(f"Nothing to do: all {stats.shards_total} shards of this job are already in {job.output.uri} (use --overwrite to start afresh).")
     print_summary(report, job.output.uri)
+
+
+def batching_warnings(job: JobSpec) -> list[str]:
+    """Settings that leave the engine under-filled, each naming the number to change."""
+    requests = job.batching.notes_per_batch * len(job.questions)
+    warnings = []
+    if job.model.backend == "vllm" and requests < job.model.max_num_seqs:
+        needed = -(-job.model.max_num_seqs // len(job.questions))
+        warnings.append(f"batching.notes_per_batch {job.batching.notes_per_batch} sends {requests} requests per engine call, "
+                        f"fewer than model.max_num_seqs {job.model.max_num_seqs}: raise notes_per_batch to {needed} "
+                        f"or lower max_num_seqs to {requests} to keep the engine full")
+    if job.batching.notes_per_shard < job.batching.notes_per_batch:
+        warnings.append(f"batching.notes_per_shard {job.batching.notes_per_shard} is below notes_per_batch "
+                        f"{job.batching.notes_per_batch}: engine calls get only {job.batching.notes_per_shard} notes; raise notes_per_shard")
+    return warnings
 
 
 def _warn_embedded(job: JobSpec) -> None:

@@ -45,3 +45,12 @@ def test_workload_is_measured_on_the_jobs_notes(apixaban_job):
     assert 300 < measured.note_tokens < 5_000  # bundled discharge summaries: a few thousand characters
     assert 5 < measured.suffix_tokens < 80  # only the question follows the note
     assert 1.0 < measured.notes_per_patient < 3.0
+
+
+def test_under_filled_engine_warning_names_the_number_to_change(apixaban_job):
+    from engine.cli import batching_warnings
+
+    assert batching_warnings(apixaban_job) == []
+    small = apixaban_job.model_copy(update={"batching": apixaban_job.batching.model_copy(update={"notes_per_batch": 2})})
+    (warning,) = batching_warnings(small)
+    assert "raise notes_per_batch to 6" in warning and "max_num_seqs 128" in warning
