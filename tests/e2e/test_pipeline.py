@@ -7,6 +7,7 @@ one row per (note, question), exact types, every answered row valid, statuses ad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -151,3 +152,13 @@ def test_null_backend_runs_the_same_pipeline(apixaban_job, ray_local, tmp_path):
     assert answers.num_rows == 6 * 23
     assert report["rows_by_status"]["answered"] == 0
     assert report["rows_by_status"]["not_in_note"] + report["rows_by_status"]["error"] == answers.num_rows
+
+
+def test_no_note_text_in_logs(e2e_run, e2e_input, ray_local):
+    """Notes are protected health information: none of their text reaches Ray's or vLLM's logs."""
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    logs = "\n".join(p.read_text(errors="replace") for p in (session / "logs").rglob("*") if p.is_file() and p.stat().st_size < 50_000_000)
+    assert len(logs) > 1000, "the workers wrote logs to search"
+    texts = [t for t in pq.read_table(e2e_input)["text"].to_pylist() if t and len(t.strip()) > 60]
+    leaked = [t[20:80] for t in texts if t[20:80] in logs]
+    assert leaked == []
