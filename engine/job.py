@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -257,7 +256,3 @@ def _known_keys(loc: tuple) -> str:
             break
         model = nested
     return ", ".join(model.model_fields)
-
-
-def sanitize_identifier(text: str) -> str:
-    return re.sub(r"[^a-z0-9_]", "_", text.lower())
