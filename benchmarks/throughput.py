@@ -58,6 +58,7 @@ def run_plain_processor(job, notes: int) -> dict:
                            enable_prefix_caching=True, block_size=CPU_BLOCK_SIZE,
                            structured_outputs_config=dict(backend="xgrammar", disable_any_whitespace=True)),
         concurrency=1, batch_size=16, placement_group_config=dict(bundle_per_worker={"CPU": 1}), log_engine_metrics=False,
+        runtime_env=dict(env_vars={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}),
     )
     processor = build_processor(
         config,
@@ -92,10 +93,12 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="engine-bench-"))
     results = {}
     try:
-        results["engine"] = run_engine(job, args.notes, scratch / "engine", prefix=True)
-        results["engine, prefix cache off"] = run_engine(job, args.notes, scratch / "noprefix", prefix=False)
         if not args.skip_plain:
             results["plain ray.data.llm processor"] = run_plain_processor(job, args.notes)
+            print("RESULT", json.dumps(results), flush=True)
+        results["engine"] = run_engine(job, args.notes, scratch / "engine", prefix=True)
+        print("RESULT", json.dumps(results), flush=True)
+        results["engine, prefix cache off"] = run_engine(job, args.notes, scratch / "noprefix", prefix=False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     base = results.get("plain ray.data.llm processor")
