@@ -191,6 +191,61 @@ def _parse_price(text: str) -> tuple[str, float]:
         raise EngineError(f"--price {text!r}: write NAME=USD, e.g. h100=2.5") from None
 
 
+@app.command(name="eval")
+def evaluate_answers(
+    job_path: JobArg,
+    predictions: Annotated[str, typer.Option("--predictions", help="An output folder or its answers/ folder, written by `engine run`.")],
+    labels: Annotated[str, typer.Option("--labels", help="Gold labels, Parquet in long format: note_id, question_id, value_bool, value_num, unit (e.g. data/sample_gold.parquet).")],
+    criteria_labels: Annotated[Optional[str], typer.Option("--criteria-labels", help="Gold criterion states, Parquet: subject_id or patient_id and one met/not_met/unknown column per criterion (e.g. data/sample_expected.parquet).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Where to write eval.md, eval.parquet and report.html (default: the predictions folder).")] = None,
+    draws: Annotated[int, typer.Option("--draws", min=100, help="Bootstrap draws (resampling notes) for the 95% confidence intervals.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed, so the intervals repeat.")] = 0,
+) -> None:
+    """Score answers against gold labels: balanced accuracy and F1 per yes/no question, accuracy per numeric question, 95% CIs."""
+    from engine.evaluate import evaluate_run
+    from engine.html_report import write_report_html
+    from engine.output import OutputStore
+
+    try:
+        job = _load(job_path)
+        evaluation, answers, target = evaluate_run(job, predictions, labels, criteria_labels, output, draws=draws, seed=seed)
+        source = OutputStore(evaluation.predictions_folder, job.output.storage_options)
+        write_report_html(OutputStore(target, job.output.storage_options), job, answers=answers, source=source)
+    except EngineError as exc:
+        _fail(exc)
+        return
+    print_evaluation(evaluation)
+    console.print(f"eval.md, eval.parquet and report.html written to {target}")
+
+
+def print_evaluation(evaluation) -> None:
+    from rich import box
+
+    from engine.evaluate import METRIC_NAMES, matching_line, overall_line
+
+    table = Table(title="Evaluation (95% CI: bootstrap over notes; patients for criteria)", box=box.SIMPLE_HEAD)
+    for name in ("question / criterion", "n", "metric", "value [95% CI]", "errors"):
+        table.add_column(name, justify="right" if name in ("n", "errors") else "left",
+                         no_wrap=name != "question / criterion", overflow="fold")
+    previous = None
+    for r in evaluation.table.to_pylist():
+        if previous is not None and (r["scope"], r["kind"]) != previous:
+            table.add_section()
+        previous = (r["scope"], r["kind"])
+        table.add_row(f"overall {r['kind']}" if r["scope"] == "overall" else r["id"], str(r["n"]), METRIC_NAMES.get(r["metric"], r["metric"]),
+                      _value_with_interval(r), "" if r["errors"] is None else str(r["errors"]))
+    console.print(table)
+    console.print(matching_line(evaluation), markup=False, soft_wrap=True)
+    console.print(overall_line(evaluation), markup=False, soft_wrap=True)
+
+
+def _value_with_interval(row: dict) -> str:
+    from engine.evaluate import fmt, fmt_interval
+
+    value = fmt(row["value"])
+    return value if value == "-" else f"{value} [{fmt_interval(row['ci_low'], row['ci_high'])}]"
+
+
 def print_funnel(funnel: list[dict], patients) -> None:
     table = Table(title="Cohort funnel")
     for name in ("criterion", "kind", "met", "not_met", "unknown", "remaining"):

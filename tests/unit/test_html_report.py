@@ -1,0 +1,193 @@
+"""engine.html_report: one self-contained page with the run's figures, funnel, criteria, answers, grounding and
+(after `engine eval`) the evaluation; built here from an output folder written by engine's own writers."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+from html.parser import HTMLParser
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from report_fixtures import (
+    ERROR_REASON,
+    EXPECTED,
+    GOLD,
+    ROOT,
+    gold_answers,
+    with_errors,
+    write_output_folder,
+)
+
+from engine.evaluate import evaluate, to_markdown, write_evaluation
+from engine.html_report import REPORT_HTML, nice_ticks, render_report, write_report_html
+from engine.job import load_job
+from engine.rules import apply_rules
+
+NOTES = 12
+
+
+class Marks(HTMLParser):
+    """Every start tag with its attributes, and the page's text."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def with_class(self, name: str, tag: str | None = None) -> list[dict]:
+        return [a for t, a in self.tags if name in (a.get("class") or "").split() and (tag is None or t == tag)]
+
+    def by_id(self, ident: str) -> dict | None:
+        return next((a for _, a in self.tags if a.get("id") == ident), None)
+
+
+@pytest.fixture(scope="module")
+def job():
+    return load_job(ROOT / "jobs" / "apixaban.yaml")
+
+
+@pytest.fixture(scope="module")
+def run_folder(job, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    answers = with_errors(gold_answers(job, notes=NOTES), 3)
+    store, report, patients = write_output_folder(folder, job, answers)
+    write_report_html(store, job)
+    return folder, store, report, patients, answers
+
+
+@pytest.fixture(scope="module")
+def page(run_folder) -> str:
+    return (run_folder[0] / REPORT_HTML).read_text(encoding="utf-8")
+
+
+def test_the_page_has_every_plot(page, job):
+    marks = Marks(page)
+    for chart in ("status", "funnel", "criteria", "answers", "grounding"):
+        assert marks.by_id(chart) is not None and ("svg", marks.by_id(chart)) in marks.tags, chart
+    assert len(marks.with_class("funnel-bar-remaining", "rect")) == len(job.criteria)
+    assert len(marks.with_class("funnel-bar-excluded", "rect")) == len(job.criteria)
+    for state in ("met", "not_met", "unknown"):
+        assert len(marks.with_class(f"criterion-bar-{state}", "rect")) == len(job.criteria)
+    for category in ("yes", "no", "value", "not_in_note", "error"):
+        assert len(marks.with_class(f"answer-bar-{category}", "rect")) == len(job.questions)
+    numeric = [q.id for q in job.questions if q.type == "numeric"]
+    assert [a["id"] for a in marks.with_class("histogram", "svg")] == [f"histogram-{q}" for q in numeric]
+    assert marks.by_id("eval-section") is None  # no eval has run here
+
+
+def test_the_funnel_matches_the_report(page, run_folder, job):
+    report = run_folder[2]
+    marks = Marks(page)
+    for step in report["cohort"]["funnel"]:
+        row = marks.by_id(f"funnel-{step['criterion']}")
+        assert row is not None
+        assert f"{step['entering']} in, {step['excluded']} excluded, {step['remaining']} remain" in page
+    widths = [float(a["width"]) for a in marks.with_class("funnel-bar-remaining")]
+    remaining = [s["remaining"] for s in report["cohort"]["funnel"]]
+    assert widths == sorted(widths, reverse=True) and remaining == sorted(remaining, reverse=True)
+    assert (widths[-1] == 0) == (remaining[-1] == 0)
+
+
+def test_the_counts_shown_are_the_data(page, run_folder):
+    _, _, report, patients, answers = run_folder
+    statuses = Counter(patients["status"].to_pylist())
+    assert f"eligible {statuses['eligible']}, needs review {statuses['needs_review']}, excluded {statuses['excluded']}" in page
+    af = answers.filter(pc.equal(answers["question_id"], "atrial_fibrillation")).to_pylist()
+    yes = sum(1 for r in af if r["status"] == "answered" and r["value_bool"])
+    no = sum(1 for r in af if r["status"] == "answered" and r["value_bool"] is False)
+    assert f"yes {yes} / no {no}, not in note" in page
+    by_status = report["rows_by_status"]
+    assert f"{by_status['answered']} / {by_status['not_in_note']} / {by_status['error']}" in page
+    assert ERROR_REASON in page  # the top error reasons are listed
+    assert f">{report['grounding']['exact']}<" in page
+
+
+def test_the_page_is_self_contained_and_holds_no_note_text(page, run_folder):
+    assert "<script" not in page and "src=" not in page and "http://" not in page and "https://" not in page
+    assert "@import" not in page and "url(" not in page
+    text = " ".join(Marks(page).text)
+    assert "gold atrial_fibrillation" not in page  # evidence quotes stay out of the page
+    notes = pq.read_table(ROOT / "data" / "sample_notes.parquet", columns=["text"]).slice(0, NOTES)["text"].to_pylist()
+    assert not any(note[:60] in text for note in notes)
+    assert '"job_fingerprint":' not in page  # no raw JSON dump
+
+
+def test_the_evaluation_appears_after_an_eval(job, run_folder):
+    folder, store, _, _, answers = run_folder
+    evaluation = evaluate(job, answers, pq.read_table(GOLD), pq.read_table(EXPECTED), draws=100)
+    write_evaluation(evaluation, store, to_markdown(evaluation, job))
+    write_report_html(store, job)
+    page = (folder / REPORT_HTML).read_text(encoding="utf-8")
+    marks = Marks(page)
+    assert marks.by_id("eval-section") is not None and marks.by_id("eval-plot") is not None
+    headline = [r for r in evaluation.table.to_pylist() if (r["kind"], r["metric"]) in
+                (("yes_no", "balanced_accuracy"), ("numeric", "accuracy"), ("criterion", "agreement"))]
+    defined = [r for r in headline if r["value"] == r["value"]]
+    assert len(marks.with_class("eval-point", "circle")) == len(defined)
+    table = page[page.index('<table id="eval-table">'):]
+    assert table[:table.index("</table>")].count("<tr>") - 1 == evaluation.table.num_rows
+    for circle in marks.with_class("eval-point"):
+        assert 0 <= float(circle["cx"]) <= float(marks.by_id("eval-plot")["width"])
+
+
+def test_a_page_from_missing_pieces(job):
+    assert "engine report: engine run" in render_report()
+    only_job = Marks(render_report(job=job))
+    assert only_job.by_id("funnel") is None and only_job.by_id("answers") is None
+
+
+def test_text_is_escaped(job):
+    report = {"job": "x", "rows_by_status": {}, "top_errors": [{"error": "<script>alert(1)</script>", "rows": 2}],
+              "cohort": {"status": {}, "funnel": []}, "grounding": {"exact": 1}}
+    page = render_report(report, job=job)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_the_funnel_follows_the_patient_table_after_a_rule_change(job, run_folder):
+    _, _, report, patients, answers = run_folder
+    relaxed = job.model_copy(update={"criteria": [c.model_copy(update={"rule": "FALSE"}) if c.kind == "exclusion" else c
+                                                  for c in job.criteria]})
+    base = patients.select([n for n in patients.column_names if n not in {c.id for c in job.criteria} | {"status", "reasons"}
+                            and n not in {d.id for d in job.derived}])
+    page = render_report(report, answers, apply_rules(base, relaxed), job=relaxed)
+    excluded = [float(a["width"]) for a in Marks(page).with_class("funnel-bar-excluded")]
+    kinds = [c.kind for c in job.criteria]
+    assert [w for w, kind in zip(excluded, kinds) if kind == "exclusion"] == [0.0] * kinds.count("exclusion")
+    assert "needs review 0, excluded 0" in page or "excluded 0" in page
+
+
+@given(st.floats(min_value=0.001, max_value=1e9, allow_nan=False), st.integers(2, 8))
+def test_ticks_are_round_and_cover_the_range(maximum, count):
+    ticks = nice_ticks(maximum, count)
+    assert ticks[0] == 0 and ticks[-1] >= maximum * (1 - 1e-9)
+    assert all(b > a for a, b in itertools.pairwise(ticks))
+    assert len(ticks) <= 2 * count + 2
+    step = ticks[1]
+    assert re.fullmatch(r"[125]", f"{step:.0e}"[0]) or f"{step:.0e}".startswith("1")
+
+
+def test_histogram_values_are_converted_like_to_canonical(job):
+    from engine.html_report import canonical_values
+    from engine.units import to_canonical
+
+    values, units = [1.0, 88.4, 2.0, 3.0, float("inf")], ["mg/dL", "µmol/l", None, "furlongs", "mg/dL"]
+    question = job.question("creatinine_max")
+    got = canonical_values(np.array(values), pa.chunked_array([pa.array(units, pa.string())]), question)
+    expected = [to_canonical(v, u, question)[0] for v, u in zip(values, units, strict=True)]
+    assert [None if not np.isfinite(g) else pytest.approx(g) for g in got] == expected
+    capped = canonical_values(np.array([60.0, 30.0]), pa.chunked_array([pa.array([None, "%"])]), job.question("lvef_min"))
+    assert capped.tolist() == [55.0, 30.0]
