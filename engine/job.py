@@ -66,6 +66,36 @@ class PricingSpec(Strict):
 
 
 RollUp = Literal["max", "min", "any", "all", "latest"]
+ContextFlag = Literal["negated", "family", "hypothetical", "historical", "uncertain", "resolved"]
+DEFAULT_IGNORED_CONTEXT = ("negated", "family", "hypothetical", "uncertain")
+
+
+class CueSpec(Strict):
+    """What in a note can answer a question: found by the candidate stage before any model is asked."""
+
+    terms: list[Annotated[str, Field(min_length=1, max_length=80)]] = Field(default_factory=list, description="Words and phrases that mention what the question asks about, matched without regard to case on word boundaries (atrial fibrillation, a-fib, afib). Lab questions: the lab's names (creatinine, Cr, Creat, SCr); the values after them are read with their units.")
+    abbreviations: list[Annotated[str, Field(min_length=1, max_length=20)]] = Field(default_factory=list, description="Short forms matched only in exactly this case (AF, HTN, AST), so 'af' or 'Ast' in another sense is not a cue.")
+    not_terms: list[Annotated[str, Field(min_length=1, max_length=80)]] = Field(default_factory=list, description="Phrases that contain a cue but mean something else (Acute Stroke Team, CrCl, hemoglobin A1c, CHA2DS2-VASc); a cue inside one of them does not count.")
+    ignore: list[ContextFlag] = Field(list(DEFAULT_IGNORED_CONTEXT), description="Context (medspaCy ConText and section) that makes a mention not the patient's current fact: negated, family, hypothetical, historical, uncertain, resolved. A prior-stroke question keeps historical mentions; a recent-stroke question ignores them.")
+    value_chars: int = Field(40, ge=4, le=400, description="numeric only: how many characters after a lab name are read for its values (a table row or 'Cr 1.2 -> 2.6').")
+
+
+class ContextRuleSpec(Strict):
+    """An extra ConText trigger phrase (medspaCy's own rules are always loaded)."""
+
+    phrase: str = Field(min_length=2, max_length=80, description="Trigger phrase, matched without regard to case, e.g. 'in the setting of'.")
+    flag: ContextFlag = Field(description="The flag it gives the mentions it modifies.")
+    direction: Literal["forward", "backward", "bidirectional"] = Field("backward", description="forward: modifies mentions after the phrase; backward: before it (\"AF in the setting of sepsis\").")
+
+
+class ExtractionSpec(Strict):
+    """How (note, question) pairs are answered: model only, cues only, or cues first and the model where it can answer."""
+
+    mode: Literal["model", "hybrid", "lexical"] = Field("hybrid", description="model: ask the model every pair. hybrid: find cue mentions first; pairs with no candidate are decided without the model (not_in_note, which means 'no' for absent: \"no\" questions), the rest go to the model as `ask_model` says. lexical: answer every pair from the cues alone (no model is loaded; a baseline and a mode for machines without one).")
+    ask_model: Literal["candidates", "unresolved"] = Field("candidates", description="hybrid only. candidates: every pair with a candidate mention goes to the model. unresolved: the cue answer stands where it is unambiguous (every mention affirmed, or every one negated/family/hypothetical; values read with an accepted unit) and the model is asked only for the rest (mixed context, uncertain mentions, values without a unit or out of range).")
+    model_sees: Literal["note", "windows"] = Field("note", description="hybrid only: the whole note (its questions share it as a cached prefix) or only the text around the candidates (shorter prompts).")
+    window_chars: int = Field(300, ge=40, le=4000, description="model_sees windows: characters kept on each side of a candidate mention.")
+    context_rules: list[ContextRuleSpec] = Field(default_factory=list, description="Extra ConText trigger phrases, e.g. {phrase: in the setting of, flag: resolved} for AF from a reversible cause.")
 
 
 class QuestionSpec(Strict):
@@ -80,6 +110,7 @@ class QuestionSpec(Strict):
     maximum: float = Field(1_000_000.0, description="numeric only: largest plausible value (bounds generation).")
     cap: float | None = Field(None, description="numeric only: values above this are reported as this (e.g. LVEF >= 55 reported as 55).")
     tolerance: float = Field(0.0, ge=0, description="numeric only: absolute tolerance used by engine eval.")
+    cues: CueSpec | None = Field(None, description="What in a note can answer this question (extraction modes hybrid and lexical). A question without cues is always asked of the model.")
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> "QuestionSpec":
@@ -128,6 +159,7 @@ class JobSpec(Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     pricing: PricingSpec = Field(default_factory=PricingSpec)
+    extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="Model only, cues only (lexical) or hybrid: cues find the evidence, the model answers where there is something to read.")
     questions: list[QuestionSpec] = Field(min_length=1, description="Single-order questions asked of every note.")
     derived: list[DerivedSpec] = Field(default_factory=list, description="Computed values (e.g. CHADS2 from its components) for rules.")
     criteria: list[CriterionSpec] = Field(default_factory=list, description="Trial criteria as rules over answers.")
@@ -162,6 +194,7 @@ class JobSpec(Strict):
             "input": self.input.model_dump(exclude={"limit"}),
             "model": self.model.model_dump(),
             "questions": [q.model_dump() for q in self.questions],
+            "extraction": self.extraction.model_dump(),
         }
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 

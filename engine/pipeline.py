@@ -1,4 +1,5 @@
-"""The whole run on one screen: job -> plan -> read -> expand -> generate -> parse -> ground -> commit -> rules -> report."""
+"""The whole run on one screen: job -> plan -> read -> expand -> candidates -> generate -> parse -> ground -> commit
+-> rules -> report."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pyarrow.compute as pc
 from engine.job import JobSpec
 from engine.output import OutputStore, answer_schema, to_answer_table, ShardCollector
 from engine.plan import Plan, make_plan
+from engine.stages.candidates import find_candidates
 from engine.stages.expand import expand_questions
 from engine.stages.generate import GenerateAnswers
 from engine.stages.ground import ground_evidence
@@ -58,6 +60,10 @@ def expand_stage(batch: pa.Table, job_json: str) -> pa.Table:
     return expand_questions(batch, _plan(job_json).question_ids)
 
 
+def candidates_stage(batch: pa.Table, job_json: str) -> pa.Table:
+    return find_candidates(batch, _plan(job_json))
+
+
 def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:
     return parse_answers(batch, _plan(job_json))
 
@@ -78,6 +84,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow")
         .map_batches(expand_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
+        .map_batches(candidates_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
         .map_batches(
             GenerateAnswers,
             fn_constructor_kwargs={"job": job.model_dump(mode="json")},

@@ -51,6 +51,7 @@ def gold_answers(job: JobSpec, notes: int | None = None) -> pa.Table:
         "value_num": rows["value_num"], "unit": rows["unit"], "evidence": quote,
         "evidence_start": pa.array([0] * n, pa.int32()), "evidence_end": pa.array([10] * n, pa.int32()),
         "grounding": pc.if_else(answered, grounding, pa.scalar(None, pa.string())), "error": pa.nulls(n, pa.string()),
+        "route": pa.array(["model"] * n), "candidates": pa.array([1] * n, pa.int32()), "cue_flags": pa.nulls(n, pa.string()),
         "model": pa.array(["gold"] * n), "truncated": pa.array([False] * n), "prompt_tokens": pa.array([1000] * n, pa.int32()),
         "cached_tokens": pa.array([900] * n, pa.int32()), "completion_tokens": pa.array([12] * n, pa.int32()),
         "charttime": rows["charttime"], "row_number": pa.array(range(n), pa.int64()), "shard_id": pa.array(["s0"] * n),

@@ -13,8 +13,9 @@ class Request(NamedTuple):
     """One (note, question). A tuple: millions are made per run, so it must be cheap."""
 
     note_key: str
-    note_text: str
+    note_text: str  # the note, or (hybrid, model_sees: windows) the text around the question's cue mentions
     question: PlannedQuestion
+    hint: str = ""  # hybrid: the cue mentions and their context, told to the model after the question
 
 
 @dataclass(slots=True)

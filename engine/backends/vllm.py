@@ -98,8 +98,9 @@ class VLLMBackend(Backend):
             raise BackendError(f"model.max_model_len {plan.job.model.max_model_len} leaves no room for the note; raise it")
         return budget
 
-    def _prompt(self, note_text: str, question: PlannedQuestion) -> str:
-        return self.tokenizer.apply_chat_template(render_messages(note_text, question), add_generation_prompt=True, tokenize=False)
+    def _prompt(self, note_text: str, question: PlannedQuestion, hint: str = "") -> str:
+        messages = render_messages(note_text, question, hint)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _prompt_ids(self, note_text: str, question: PlannedQuestion) -> list[int]:
         return self.tokenizer(self._prompt(note_text, question), add_special_tokens=False)["input_ids"]
@@ -121,7 +122,7 @@ class VLLMBackend(Backend):
         for request in requests:
             if request.note_key not in fitted:
                 fitted[request.note_key] = self.fit_note(request.note_text)
-            prompts.append(self._prompt(fitted[request.note_key][0], request.question))
+            prompts.append(self._prompt(fitted[request.note_key][0], request.question, request.hint))
             params.append(self.sampling[request.question.id])
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []

@@ -21,9 +21,11 @@ NOTE_HEADER = "NOTE:\n"
 QUESTION_HEADER = "\n\nQUESTION: "
 
 
-def render_messages(note_text: str, question: PlannedQuestion) -> list[dict[str, str]]:
-    """Chat messages for one (note, question). Everything up to QUESTION_HEADER is identical across questions."""
-    user = f"{NOTE_HEADER}{note_text}{QUESTION_HEADER}{question.spec.question}{_unit_hint(question)}"
+def render_messages(note_text: str, question: PlannedQuestion, hint: str = "") -> list[dict[str, str]]:
+    """Chat messages for one (note, question). Everything up to QUESTION_HEADER is identical across questions;
+    `hint` (hybrid mode: the cue mentions and their context flags) goes after the question."""
+    hint = f"\n({hint})" if hint else ""
+    user = f"{NOTE_HEADER}{note_text}{QUESTION_HEADER}{question.spec.question}{_unit_hint(question)}{hint}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 

@@ -1,0 +1,104 @@
+"""Clinical context of cue mentions with medspaCy: sentences (PyRuSH), sections and ConText flags.
+
+The cue regexes (engine.cues) find the spans; medspaCy says whether each is negated ("no AF on telemetry"),
+a family member's ("Mother had a stroke"), hypothetical ("if AF recurs"), historical, uncertain, or
+resolved (the job's own ConText rules, e.g. "AF in the setting of sepsis, resolved"). A mention in a
+Family History section is a family mention whatever its sentence says.
+
+Why medspaCy: it is the maintained clinical ConText/sectionizer implementation and runs offline with no model
+download. It declares spaCy < 3.8 on Python 3.11, whose thinc is built against numpy 1 and cannot load beside
+vLLM (numpy 2); scripts/install.sh installs it and PyRuSH over that pin with spaCy 3.8 (measured to import and
+flag correctly; tests/unit/test_context.py keeps it so). PyRuSH logs every token at DEBUG through loguru: that
+is note text in the logs, so its logger is disabled here before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from engine.job import ContextRuleSpec
+
+CONTEXT_CATEGORIES = {  # medspaCy ConText category -> engine flag
+    "NEGATED_EXISTENCE": "negated",
+    "FAMILY": "family",
+    "HYPOTHETICAL": "hypothetical",
+    "HISTORICAL": "historical",
+    "POSSIBLE_EXISTENCE": "uncertain",
+    "RESOLVED": "resolved",
+}
+ENGINE_CATEGORIES = {flag: category for category, flag in CONTEXT_CATEGORIES.items()}
+FAMILY_SECTIONS = {"family_history"}
+SPAN_GROUP = "engine_cues"
+_DIRECTIONS = {"forward": "FORWARD", "backward": "BACKWARD", "bidirectional": "BIDIRECTIONAL"}
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What medspaCy says about one mention: its flags, sentence span and section."""
+
+    flags: frozenset[str]
+    sentence_start: int
+    sentence_end: int
+    section: str | None
+
+
+def _quiet_logs() -> None:
+    from loguru import logger
+
+    for name in ("PyRuSH", "PyFastNER", "quicksectx"):
+        logger.disable(name)
+
+
+@lru_cache(maxsize=8)
+def clinical_pipeline(rules: tuple[ContextRuleSpec, ...] = ()):
+    """medspaCy with PyRuSH sentences, the sectionizer and ConText over our span group (loaded once per process)."""
+    _quiet_logs()
+    import medspacy
+    from medspacy.context import ConTextRule
+
+    nlp = medspacy.load(medspacy_enable=["medspacy_tokenizer", "medspacy_pyrush"])
+    nlp.add_pipe("medspacy_sectionizer", config={"input_span_type": "group", "span_group_name": SPAN_GROUP})
+    context = nlp.add_pipe("medspacy_context", config={"input_span_type": "group", "span_group_name": SPAN_GROUP})
+    extra = [_rule(nlp, ConTextRule, r) for r in rules]
+    if extra:
+        context.add(extra)
+    return nlp
+
+
+def _rule(nlp, rule_class, rule: ContextRuleSpec):
+    """A token pattern under a literal of its own: medspaCy keys rules by literal, so a phrase it already has
+    ('ruled out', forward) would otherwise hide the job's rule for the same words in another direction."""
+    pattern = [{"LOWER": token.lower_} for token in nlp.make_doc(rule.phrase) if not token.is_space]
+    literal = f"{rule.phrase} (engine {rule.flag} {rule.direction})"
+    return rule_class(literal, ENGINE_CATEGORIES[rule.flag], direction=_DIRECTIONS[rule.direction], pattern=pattern)
+
+
+def contexts(text: str, spans: list[tuple[int, int]], rules: tuple[ContextRuleSpec, ...] = ()) -> list[Context]:
+    """One Context per (start, end) character span, in the order given. Overlapping spans are fine."""
+    if not spans:
+        return []
+    nlp = clinical_pipeline(rules)
+    doc = nlp.make_doc(text)
+    group, order = [], []
+    for index, (start, end) in enumerate(spans):
+        span = doc.char_span(start, end, label="CUE", alignment_mode="expand")
+        if span is not None:
+            group.append(span)
+            order.append(index)
+    doc.spans[SPAN_GROUP] = group
+    for _, component in nlp.pipeline:
+        doc = component(doc)
+    found: list[Context | None] = [None] * len(spans)
+    for index, span in zip(order, doc.spans[SPAN_GROUP]):
+        found[index] = _context_of(span)
+    return [c if c is not None else Context(frozenset(), s, e, None) for c, (s, e) in zip(found, spans)]
+
+
+def _context_of(span) -> Context:
+    flags = {CONTEXT_CATEGORIES[m.category] for m in span._.modifiers if m.category in CONTEXT_CATEGORIES}
+    section = span._.section_category
+    if section in FAMILY_SECTIONS:
+        flags.add("family")
+    sentence = span.sent
+    return Context(frozenset(flags), sentence.start_char, sentence.end_char, section)

@@ -1,0 +1,43 @@
+"""The pipeline's stages in this process, without Ray: read -> expand -> candidates -> generate -> parse -> ground.
+
+For cue-only (lexical) answers on small inputs, the candidate-recall figures of benchmarks/hybrid.py and the
+tests. The stages are the same functions the Ray pipeline maps over its batches; only the driver differs.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from engine.job import JobSpec
+from engine.output import answer_schema, to_answer_table
+from engine.plan import make_plan
+from engine.stages.candidates import find_candidates
+from engine.stages.expand import expand_questions
+from engine.stages.generate import GenerateAnswers
+from engine.stages.ground import ground_evidence
+from engine.stages.parse import parse_answers
+from engine.stages.read import plan_input, read_shards
+
+
+def candidate_rows(job: JobSpec, limit: int | None = None) -> pa.Table:
+    """Every (note, question) of the job's input after the candidate stage (route, cue answer, flags, text)."""
+    plan = make_plan(job)
+    inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
+    tables = [find_candidates(expand_questions(read_shards(job.input, [shard], inputs.schema), plan.question_ids), plan)
+              for shard in inputs.shards]
+    return pa.concat_tables(tables)
+
+
+def lexical_answers(job: JobSpec, limit: int | None = None) -> pa.Table:
+    """answers/ rows for the job's input answered from the cues alone (extraction mode lexical), in process."""
+    job = job.model_copy(update={"extraction": job.extraction.model_copy(update={"mode": "lexical"})})
+    plan = make_plan(job)
+    inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
+    schema = answer_schema(job, inputs.schema)
+    generate = GenerateAnswers(job.model_dump(mode="json"))
+    tables = []
+    for shard in inputs.shards:
+        rows = find_candidates(expand_questions(read_shards(job.input, [shard], inputs.schema), plan.question_ids), plan)
+        answered = ground_evidence(parse_answers(generate(rows), plan))
+        tables.append(to_answer_table(answered, schema, job.fingerprint()))
+    return pa.concat_tables(tables)

@@ -1,0 +1,233 @@
+"""Candidates: find the evidence first, and route each (note, question) to the model only where it can answer.
+
+Per note, once: every question's cue mentions (engine.cues), then one medspaCy pass for their context
+(engine.context). Per (note, question), a cue answer in the answer schema's JSON (so parse and ground treat it
+like a model's) and a route:
+
+  no_candidate  no mention: decided without the model (not in note; "no" for absent: "no" questions)
+  lexical       answered from the cues (extraction mode lexical, or hybrid with ask_model: unresolved where
+                the cue answer is unambiguous)
+  model         sent to the model, with the whole note or only the windows around the mentions, and the
+                mentions' context flags in the question ("AF" (negated); "afib" (hypothetical))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from engine.context import Context, contexts
+from engine.cues import LabValue, Match, find_mentions, read_values
+from engine.job import QuestionSpec
+from engine.plan import Plan, PlannedQuestion
+
+CANDIDATE_COLUMNS = {
+    "route": pa.string(),
+    "candidates": pa.int32(),
+    "cue_flags": pa.string(),
+    "cue_output": pa.string(),
+    "model_text": pa.string(),
+    "cue_hint": pa.string(),
+}
+WINDOW_SEPARATOR = "\n[...]\n"
+HINT_MENTIONS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Mention:
+    match: Match
+    context: Context
+    counts: bool  # not negated/family/... as the question's `ignore` says
+
+
+@dataclass(slots=True)
+class Assessment:
+    """The candidate stage's verdict on one (note, question)."""
+
+    route: str
+    candidates: int = 0
+    flags: str | None = None
+    output: str | None = None
+    model_text: str | None = None
+    hint: str | None = None
+
+
+def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
+    """Append CANDIDATE_COLUMNS to an expanded (note x question) batch."""
+    n = batch.num_rows
+    mode = plan.job.extraction.mode
+    if mode == "model" or n == 0:
+        return _append(batch, [Assessment("model")] * n)
+    texts = batch["text"].combine_chunks()
+    note_of = texts.indices.to_pylist() if pa.types.is_dictionary(texts.type) else list(range(n))
+    notes = texts.dictionary.to_pylist() if pa.types.is_dictionary(texts.type) else texts.to_pylist()
+    questions = batch["question_id"].to_pylist()
+    failed = batch["note_error"].is_valid().to_pylist() if "note_error" in batch.column_names else [False] * n
+    rows_by_note: dict[int, list[int]] = {}
+    for row in range(n):
+        rows_by_note.setdefault(note_of[row], []).append(row)
+    verdicts: list[Assessment] = [Assessment("model")] * n
+    for note, rows in rows_by_note.items():
+        live = [r for r in rows if not failed[r]]
+        if live:
+            assessed = assess_note(notes[note] or "", [plan.by_id[questions[r]] for r in live], plan)
+            for row, verdict in zip(live, assessed):
+                verdicts[row] = verdict
+    return _append(batch, verdicts)
+
+
+def _append(batch: pa.Table, verdicts: list[Assessment]) -> pa.Table:
+    values = {
+        "route": [v.route for v in verdicts], "candidates": [v.candidates for v in verdicts],
+        "cue_flags": [v.flags for v in verdicts], "cue_output": [v.output for v in verdicts],
+        "model_text": [v.model_text for v in verdicts], "cue_hint": [v.hint for v in verdicts],
+    }
+    for name, dtype in CANDIDATE_COLUMNS.items():
+        batch = batch.append_column(name, pa.array(values[name], dtype))
+    return batch
+
+
+def assess_note(text: str, questions: list[PlannedQuestion], plan: Plan) -> list[Assessment]:
+    """One note, many questions: mentions per question, one context pass for all, then a verdict each."""
+    extraction = plan.job.extraction
+    matches = [find_mentions(text, q.spec) for q in questions]
+    spans = sorted({(m.start, m.end) for found in matches for m in found})
+    context_of = dict(zip(spans, contexts(text, spans, tuple(extraction.context_rules))))
+    verdicts = []
+    for question, found in zip(questions, matches):
+        ignore = set(question.spec.cues.ignore) if question.spec.cues else set()
+        mentions = [Mention(m, context_of[(m.start, m.end)], not (context_of[(m.start, m.end)].flags & ignore)) for m in found]
+        verdicts.append(assess(text, question, mentions, plan))
+    return verdicts
+
+
+def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: Plan) -> Assessment:
+    """Route and cue answer for one (note, question)."""
+    extraction = plan.job.extraction
+    spec = question.spec
+    if spec.cues is None:  # nothing to look for: only a model can answer
+        return Assessment("lexical" if extraction.mode == "lexical" else "model")
+    evidence_chars = plan.job.model.evidence_max_chars
+    if spec.type == "yes_no":
+        output, resolved = yes_no_answer(text, mentions, evidence_chars)
+    else:
+        output, resolved = numeric_answer(text, spec, mentions, evidence_chars)
+    flags = ",".join(sorted({f for m in mentions for f in m.context.flags})) or None
+    if not mentions:
+        return Assessment("no_candidate", 0, None, output)
+    verdict = Assessment("lexical", len(mentions), flags, output)
+    if extraction.mode == "lexical" or (extraction.ask_model == "unresolved" and resolved):
+        return verdict
+    verdict.route = "model"
+    verdict.hint = mention_hint(text, mentions)
+    if extraction.model_sees == "windows":
+        verdict.model_text = windows(text, mentions, extraction.window_chars)
+    return verdict
+
+
+# --- cue answers, in the answer schemas' JSON -------------------------------------------------------------------
+def yes_no_answer(text: str, mentions: list[Mention], evidence_chars: int) -> tuple[str, bool]:
+    """yes if a mention counts; no if one is negated; else not in note. Resolved unless the mentions disagree."""
+    counted = [m for m in mentions if m.counts]
+    negated = [m for m in mentions if "negated" in m.context.flags]
+    uncertain = any("uncertain" in m.context.flags for m in counted)
+    if counted:
+        answer, quote = "yes", counted[0]
+    elif negated:
+        answer, quote = "no", negated[0]
+    else:
+        answer, quote = "not_in_note", None
+    evidence = quote_around(text, quote.match.start, quote.match.end, quote.context, evidence_chars) if quote else ""
+    resolved = not uncertain and (not counted or len(counted) == len(mentions))
+    return json.dumps({"evidence": evidence, "answer": answer}), resolved
+
+
+def numeric_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evidence_chars: int) -> tuple[str, bool]:
+    """The extreme (or latest) value read after the lab's names, in an accepted unit and plausible range."""
+    read: list[tuple[LabValue, float, Mention]] = []
+    guessed = False
+    for mention in (m for m in mentions if m.counts):
+        for value in read_values(text, mention.match, spec):
+            canonical, was_guessed = _canonical(value, spec)
+            guessed |= was_guessed or canonical is None
+            if canonical is not None:
+                read.append((value, canonical, mention))
+    if not read:
+        return json.dumps({"evidence": "", "value": None, "unit": None}), not mentions
+    if spec.rollup == "min":
+        value, _, mention = min(read, key=lambda item: item[1])
+    elif spec.rollup == "max":
+        value, _, mention = max(read, key=lambda item: item[1])
+    else:
+        value, _, mention = max(read, key=lambda item: item[0].start)
+    if value.unit_written:
+        unit = value.unit
+    else:
+        unit = spec.unit if spec.minimum <= value.number <= spec.maximum else _guessed_unit(value, spec)
+    evidence = quote_around(text, mention.match.start, value.end, mention.context, evidence_chars)
+    return json.dumps({"evidence": evidence, "value": _as_written(value.number), "unit": unit}), not guessed
+
+
+def _canonical(value: LabValue, spec: QuestionSpec) -> tuple[float | None, bool]:
+    """(value in the canonical unit, whether the unit was guessed); None if no accepted unit makes it plausible."""
+    if value.unit is None:
+        return None, False
+    if value.unit_written:
+        canonical = value.number * spec.units[value.unit]
+        return (canonical if spec.minimum <= canonical <= spec.maximum else None), False
+    if spec.minimum <= value.number <= spec.maximum:
+        return value.number, False
+    unit = _guessed_unit(value, spec)  # '98,000' with no unit is a platelet count per uL
+    return (None, True) if unit is None else (value.number * spec.units[unit], True)
+
+
+def _guessed_unit(value: LabValue, spec: QuestionSpec) -> str | None:
+    for unit, factor in spec.units.items():
+        if spec.minimum <= value.number * factor <= spec.maximum:
+            return unit
+    return None
+
+
+def _as_written(number: float) -> str:
+    text = f"{number:.3f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+# --- what the model is shown ------------------------------------------------------------------------------------
+def quote_around(text: str, start: int, end: int, context: Context, limit: int) -> str:
+    """A verbatim quote on one line holding [start, end): the sentence, cut to `limit` characters around it."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    left = max(line_start, context.sentence_start if context.sentence_start <= start else line_start)
+    right = min(line_end, context.sentence_end if context.sentence_end >= end else line_end)
+    if right - left > limit:
+        room = max(limit - (end - start), 0)
+        left = max(left, start - room // 2)
+        right = min(right, left + limit)
+        left = max(left, right - limit)
+    return text[left:right].strip()
+
+
+def windows(text: str, mentions: list[Mention], width: int) -> str:
+    """The note's text around its mentions (merged where they overlap), in note order."""
+    spans = sorted((max(0, m.match.start - width), min(len(text), m.match.end + width)) for m in mentions)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return WINDOW_SEPARATOR.join(text[s:e] for s, e in merged)
+
+
+def mention_hint(text: str, mentions: list[Mention]) -> str:
+    """The mentions and their context, for the model: 'Cue mentions: "AF" (negated); "afib" (hypothetical)'."""
+    items = []
+    for m in mentions[:HINT_MENTIONS]:
+        flags = ", ".join(sorted(m.context.flags)) or "affirmed"
+        items.append(f'"{text[m.match.start:m.match.end]}" ({flags})')
+    more = f"; and {len(mentions) - HINT_MENTIONS} more" if len(mentions) > HINT_MENTIONS else ""
+    return "Cue mentions: " + "; ".join(items) + more
