@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,10 +32,18 @@ def _fail(exc: EngineError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
-def _load(job_path: Path, input_uri: str | None = None, output_uri: str | None = None) -> JobSpec:
+class ExtractionMode(str, Enum):
+    model = "model"
+    hybrid = "hybrid"
+    lexical = "lexical"
+
+
+def _load(job_path: Path, input_uri: str | None = None, output_uri: str | None = None, mode: str | None = None) -> JobSpec:
     from engine.rules import check_rules
 
     job = load_job(job_path)
+    if mode:
+        job = job.model_copy(update={"extraction": job.extraction.model_copy(update={"mode": mode})})
     if input_uri:
         job = job.model_copy(update={"input": job.input.model_copy(update={"uri": input_uri})})
     if output_uri:
@@ -52,6 +61,7 @@ def run(
     output: Annotated[Optional[str], typer.Option("--output", help="Output folder or s3:// URI; overrides output.uri.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N notes.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the output folder's earlier results and start afresh.")] = False,
+    mode: Annotated[Optional[ExtractionMode], typer.Option("--mode", help="Override extraction.mode: model (ask the model every pair), hybrid (cues first, the model where it can answer), lexical (cues only, no model).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray and vLLM logs (they never contain note text at the default level).")] = False,
 ) -> None:
     """Answer every question for every note, apply the rules, write answers/, patients/ and report.json."""
@@ -59,7 +69,7 @@ def run(
     from engine.progress import RunProgress
 
     try:
-        job = _load(job_path, input, output)
+        job = _load(job_path, input, output, mode.value if mode else None)
         if verbose:
             from engine.runtime import ensure_ray
 

