@@ -1,14 +1,19 @@
-"""Throughput benchmark (run on demand, not in CI): the same model, notes and questions, three ways, one process.
+"""Throughput benchmark (run on demand, not in CI): the same model, notes and questions, several ways, one process.
 
-  1. engine            - `run_job` as users run it (prefix sharing on, KV block 32 on CPU, short suffixes)
-  2. engine, no prefix - the same with model.enable_prefix_caching false
-  3. plain processor   - `ray.data.llm.build_processor` as Ray's documentation shows it: one row per
+  1. plain processor   - `ray.data.llm.build_processor` as Ray's documentation shows it: one row per
                          (note, question), the whole prompt per row, the same JSON-schema constraint
+  2. engine, model     - `run_job` with extraction.mode model: every pair to the model (prefix sharing on, KV
+                         block 32 on CPU, short suffixes)
+  3. engine, no prefix - the same with model.enable_prefix_caching false
+  4. engine, hybrid    - the job's own extraction settings (cues first, the model only where it can answer)
+  5. engine, lexical   - cues only, no model
 
-Prints (note, question) pairs per second (steady state: the model's busy time, start-up excluded, and wall time
-including start-up), prompt tokens computed, and the ratios against the plain processor.
+Prints (note, question) pairs per second (steady state: busy time, start-up excluded, and wall time including
+start-up), model calls, prompt tokens computed, the ratios against the plain processor and against model-only,
+and, with --labels, each engine run's `engine eval` summary (mean balanced accuracy of yes/no questions, mean
+numeric accuracy) on the same notes.
 
-    .venv/bin/python benchmarks/throughput.py --notes 8
+    .venv/bin/python benchmarks/throughput.py --notes 24 --labels data/sample_gold.parquet
 """
 
 from __future__ import annotations
@@ -23,17 +28,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_engine(job, notes: int, output: Path, prefix: bool) -> dict:
+def run_engine(job, notes: int, output: Path, prefix: bool, mode: str | None, labels: str | None) -> dict:
     from engine.pipeline import run_job
 
     model = job.model.model_copy(update={"enable_prefix_caching": prefix})
-    job = job.model_copy(update={"model": model, "output": job.output.model_copy(update={"uri": str(output)})})
+    extraction = job.extraction.model_copy(update={"mode": mode or job.extraction.mode})
+    job = job.model_copy(update={"model": model, "extraction": extraction,
+                                 "output": job.output.model_copy(update={"uri": str(output)})})
     started = time.perf_counter()
     report, _ = run_job(job, limit=notes, overwrite=True)
     wall = time.perf_counter() - started
-    return {"pairs": report["model_outputs"], "steady_pairs_per_s": report["pairs_per_second"], "wall_s": wall,
-            "computed_prompt_tokens": report["computed_prompt_tokens"], "prompt_tokens": report["prompt_tokens"],
-            "completion_tokens": report["completion_tokens"]}
+    result = {"pairs": report["rows"], "model_calls": report["model_outputs"], "steady_pairs_per_s": report["pairs_per_second"],
+              "wall_s": wall, "startup_s": report["startup_seconds"], "computed_prompt_tokens": report["computed_prompt_tokens"],
+              "prompt_tokens": report["prompt_tokens"], "completion_tokens": report["completion_tokens"]}
+    if labels:
+        result.update(_eval_summary(job, output, labels))
+    return result
+
+
+def _eval_summary(job, output: Path, labels: str) -> dict:
+    from engine.evaluate import evaluate_run
+
+    evaluation, _, _ = evaluate_run(job, str(output), labels, output=str(output))
+    overall = {row["metric"]: row["value"] for row in evaluation.table.to_pylist() if row["metric"].startswith("mean_")}
+    return {"mean_balanced_accuracy": overall.get("mean_balanced_accuracy"), "mean_numeric_accuracy": overall.get("mean_accuracy")}
 
 
 def run_plain_processor(job, notes: int) -> dict:
@@ -74,7 +92,7 @@ def run_plain_processor(job, notes: int) -> dict:
     out = processor(ray.data.from_items(rows)).materialize()
     wall = time.perf_counter() - started
     result = out.to_pandas()
-    return {"pairs": len(result), "steady_pairs_per_s": None, "wall_s": wall, "computed_prompt_tokens": None,
+    return {"pairs": len(result), "model_calls": len(result), "steady_pairs_per_s": None, "wall_s": wall, "computed_prompt_tokens": None,
             "prompt_tokens": int(result["prompt_tokens"].sum()), "completion_tokens": int(result["completion_tokens"].sum())}
 
 
@@ -82,7 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default=str(ROOT / "jobs" / "apixaban.yaml"))
     parser.add_argument("--notes", type=int, default=8)
-    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--labels", default=None, help="gold labels (long format) for an eval summary per engine run")
+    parser.add_argument("--skip", action="append", default=[], choices=["plain", "model", "noprefix", "hybrid", "lexical"])
     args = parser.parse_args()
 
     from engine.job import load_job
@@ -91,25 +110,38 @@ def main() -> None:
     job = load_job(args.job)
     ensure_ray()
     scratch = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    runs = [("engine, model", "model", True, "model"), ("engine, model, prefix cache off", "noprefix", False, "model"),
+            ("engine, hybrid", "hybrid", True, "hybrid"), ("engine, lexical (no model)", "lexical", True, "lexical")]
     results = {}
     try:
-        if not args.skip_plain:
+        if "plain" not in args.skip:
             results["plain ray.data.llm processor"] = run_plain_processor(job, args.notes)
             print("RESULT", json.dumps(results), flush=True)
-        results["engine"] = run_engine(job, args.notes, scratch / "engine", prefix=True)
-        print("RESULT", json.dumps(results), flush=True)
-        results["engine, prefix cache off"] = run_engine(job, args.notes, scratch / "noprefix", prefix=False)
+        for name, key, prefix, mode in runs:
+            if key not in args.skip:
+                results[name] = run_engine(job, args.notes, scratch / key, prefix, mode, args.labels)
+                print("RESULT", json.dumps(results), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    print_table(results, args.notes, job)
+
+
+def print_table(results: dict, notes: int, job) -> None:
     base = results.get("plain ray.data.llm processor")
-    print(f"\n{args.notes} notes x {len(job.questions)} questions, model {job.model.name}")
-    print(f"{'run':32} {'pairs':>6} {'wall s':>8} {'pairs/s wall':>13} {'pairs/s steady':>15} {'prompt tok':>11} {'computed':>9} {'vs plain (wall)':>16}")
+    model_only = results.get("engine, model")
+    print(f"\n{notes} notes x {len(job.questions)} questions, model {job.model.name}, extraction {job.extraction.model_dump()}")
+    print(f"{'run':32} {'pairs':>6} {'model calls':>11} {'wall s':>8} {'pairs/s wall':>13} {'pairs/s steady':>15} "
+          f"{'computed tok':>12} {'vs plain':>9} {'vs model':>9} {'mean BA':>8} {'num acc':>8}")
     for name, r in results.items():
         wall_rate = r["pairs"] / r["wall_s"]
-        ratio = f"{wall_rate / (base['pairs'] / base['wall_s']):.2f}x" if base else "-"
+        vs_plain = f"{wall_rate / (base['pairs'] / base['wall_s']):.2f}x" if base else "-"
+        vs_model = f"{r['steady_pairs_per_s'] / model_only['steady_pairs_per_s']:.2f}x" if model_only and r["steady_pairs_per_s"] else "-"
         steady = f"{r['steady_pairs_per_s']:.2f}" if r["steady_pairs_per_s"] else "-"
         computed = f"{r['computed_prompt_tokens']:,}" if r["computed_prompt_tokens"] is not None else "-"
-        print(f"{name:32} {r['pairs']:>6} {r['wall_s']:>8.1f} {wall_rate:>13.2f} {steady:>15} {r['prompt_tokens']:>11,} {computed:>9} {ratio:>16}")
+        ba = f"{r['mean_balanced_accuracy']:.3f}" if r.get("mean_balanced_accuracy") is not None else "-"
+        acc = f"{r['mean_numeric_accuracy']:.3f}" if r.get("mean_numeric_accuracy") is not None else "-"
+        print(f"{name:32} {r['pairs']:>6} {r['model_calls']:>11} {r['wall_s']:>8.1f} {wall_rate:>13.2f} {steady:>15} "
+              f"{computed:>12} {vs_plain:>9} {vs_model:>9} {ba:>8} {acc:>8}")
     print(json.dumps(results, indent=2))
 
 

@@ -95,6 +95,7 @@ class ExtractionSpec(Strict):
     ask_model: Literal["candidates", "unresolved"] = Field("candidates", description="hybrid only. candidates: every pair with a candidate mention goes to the model. unresolved: the cue answer stands where it is unambiguous (every mention affirmed, or every one negated/family/hypothetical; values read with an accepted unit) and the model is asked only for the rest (mixed context, uncertain mentions, values without a unit or out of range).")
     model_sees: Literal["note", "windows"] = Field("note", description="hybrid only: the whole note (its questions share it as a cached prefix) or only the text around the candidates (shorter prompts).")
     window_chars: int = Field(300, ge=40, le=4000, description="model_sees windows: characters kept on each side of a candidate mention.")
+    sentences: Literal["lines", "pyrush"] = Field("lines", description="How notes are cut into sentences, the scope of ConText: lines (a line break or . ! ? ; ends a sentence; fast) or pyrush (medspaCy's clinical sentence splitter, PyRuSH; about 10x slower).")
     context_rules: list[ContextRuleSpec] = Field(default_factory=list, description="Extra ConText trigger phrases, e.g. {phrase: in the setting of, flag: resolved} for AF from a reversible cause.")
 
 
@@ -151,6 +152,11 @@ class CriterionSpec(Strict):
     direct_question: str | None = Field(None, description="Optional: also ask the criterion directly as a yes/no question (study's Table 3 comparison).")
 
 
+class ReviewSpec(Strict):
+    require_grounded_evidence: bool = Field(False, description="An answered row whose evidence quote is not found in its note (grounding not_found, or no quote) cannot decide a criterion by itself: when such an answer is the one a patient's value rests on, the criteria that need it become unknown and the patient needs_review, with a reason naming the question.")
+    accept_fuzzy: bool = Field(True, description="require_grounded_evidence only: a quote found approximately in the note (grounding fuzzy) counts as grounded.")
+
+
 class JobSpec(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(description="Job name, used in output and reports.")
     description: str = Field("", description="What the screen is for.")
@@ -160,6 +166,7 @@ class JobSpec(Strict):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     pricing: PricingSpec = Field(default_factory=PricingSpec)
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="Model only, cues only (lexical) or hybrid: cues find the evidence, the model answers where there is something to read.")
+    review: ReviewSpec = Field(default_factory=ReviewSpec, description="What a cohort decision may rest on, e.g. only answers whose evidence quote is found in the note.")
     questions: list[QuestionSpec] = Field(min_length=1, description="Single-order questions asked of every note.")
     derived: list[DerivedSpec] = Field(default_factory=list, description="Computed values (e.g. CHADS2 from its components) for rules.")
     criteria: list[CriterionSpec] = Field(default_factory=list, description="Trial criteria as rules over answers.")

@@ -61,7 +61,11 @@ def expand_stage(batch: pa.Table, job_json: str) -> pa.Table:
 
 
 def candidates_stage(batch: pa.Table, job_json: str) -> pa.Table:
-    return find_candidates(batch, _plan(job_json))
+    """Cue mentions and routes; its busy time goes into the run's processing seconds (and so into the cost)."""
+    started = time.perf_counter()
+    batch = find_candidates(batch, _plan(job_json))
+    share = (time.perf_counter() - started) / max(batch.num_rows, 1)
+    return batch.append_column("cue_seconds", pa.array([share] * batch.num_rows, pa.float64()))
 
 
 def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:
@@ -151,6 +155,7 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
         if stats.first_result is None:
             stats.first_result = time.time()
         stats.engine_seconds += float(pc.sum(batch["batch_seconds"]).as_py() or 0.0)
+        stats.engine_seconds += float(pc.sum(batch["cue_seconds"]).as_py() or 0.0)
         answers = to_answer_table(batch, schema, fingerprint)
         stats.pairs_processed += answers.num_rows
         stats.patients_processed.update(answers["patient_id"].unique().to_pylist())

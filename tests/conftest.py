@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SAMPLE_NOTES = ROOT / "data" / "sample_notes.parquet"
+GOLD = ROOT / "data" / "sample_gold.parquet"
 APIXABAN_JOB = ROOT / "jobs" / "apixaban.yaml"
 E2E_SAMPLE_NOTES = 10  # the first bundled notes (one over 12,000 characters, one of a few words) ...
 E2E_BAD_ROWS = 4  # ... plus a duplicate note id, a null text, a whitespace-only text and a table of odd characters
@@ -42,13 +43,16 @@ def ray_local():
     ray.shutdown()
 
 
-def job_for(apixaban_job, *, model: str, output: Path, backend: str = "vllm", input_uri: str | None = None, **model_overrides):
-    """The real apixaban job pointed at a test model and folder; small evidence so a random model finishes."""
+def job_for(apixaban_job, *, model: str, output: Path, backend: str = "vllm", input_uri: str | None = None,
+            extraction: dict | None = None, **model_overrides):
+    """The real apixaban job pointed at a test model and folder; small evidence so a random model finishes.
+    Extraction mode model unless `extraction` says otherwise: these runs test the model path itself."""
     model_spec = apixaban_job.model.model_copy(update={"backend": backend, "name": model, "max_model_len": 2048, **model_overrides})
     return apixaban_job.model_copy(update={
         "input": apixaban_job.input.model_copy(update={"uri": input_uri or str(SAMPLE_NOTES)}),
         "output": apixaban_job.output.model_copy(update={"uri": str(output)}),
         "model": model_spec,
+        "extraction": apixaban_job.extraction.model_copy(update=extraction or {"mode": "model"}),
         "batching": apixaban_job.batching.model_copy(update={"notes_per_shard": 4, "notes_per_batch": 5}),
     })
 
@@ -81,3 +85,16 @@ def e2e_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_input):
                   evidence_max_chars=24, max_tokens=64)
     report, stats = run_job(job, limit=E2E_NOTES)
     return job, report, stats, output
+
+
+@pytest.fixture(scope="session")
+def e2e_hybrid_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_input):
+    """The hybrid path on the real stack: every pair with a cue mention to vLLM, shown only the text around it."""
+    from engine.pipeline import run_job
+
+    output = tmp_path_factory.mktemp("e2e-hybrid")
+    job = job_for(apixaban_job, model=str(tiny_model), output=output, input_uri=str(e2e_input),
+                  extraction={"mode": "hybrid", "ask_model": "candidates", "model_sees": "windows", "window_chars": 120},
+                  evidence_max_chars=24, max_tokens=64)
+    report, stats = run_job(job, limit=E2E_NOTES)
+    return job, report, output

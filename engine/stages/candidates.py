@@ -94,7 +94,7 @@ def assess_note(text: str, questions: list[PlannedQuestion], plan: Plan) -> list
     extraction = plan.job.extraction
     matches = [find_mentions(text, q.spec) for q in questions]
     spans = sorted({(m.start, m.end) for found in matches for m in found})
-    context_of = dict(zip(spans, contexts(text, spans, tuple(extraction.context_rules))))
+    context_of = dict(zip(spans, contexts(text, spans, tuple(extraction.context_rules), extraction.sentences)))
     verdicts = []
     for question, found in zip(questions, matches):
         ignore = set(question.spec.cues.ignore) if question.spec.cues else set()
