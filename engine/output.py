@@ -22,7 +22,7 @@ from engine import __version__
 from engine.errors import OutputError
 from engine.job import JobSpec
 from engine.stages.read import InputPlan
-from engine.storage import describe_error, filesystem, is_remote, join
+from engine.storage import describe_error, filesystem, is_remote, join, require_bucket
 
 MANIFEST = "_engine.json"
 ANSWERS = "answers"
@@ -98,7 +98,10 @@ class OutputStore:
             if existing is not None:
                 _check_same_job(self.uri, existing, manifest)
             else:
-                self.fs.makedirs(self.answers_dir, exist_ok=True)
+                if is_remote(self.fs):  # object stores have no folders; a missing bucket is an error, not created
+                    require_bucket(self.fs, self.root)
+                else:
+                    self.fs.makedirs(self.answers_dir, exist_ok=True)
                 self._write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
             self._remove_partial_files()
             return self.committed_shards()

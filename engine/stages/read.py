@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from engine.errors import InputError
 from engine.job import InputSpec
-from engine.storage import describe_error, filesystem
+from engine.storage import describe_error, describe_missing, filesystem
 
 NOTE_COLUMNS = ["shard_id", "row_number", "note_id", "patient_id", "charttime", "text", "note_error"]
 
@@ -55,9 +55,12 @@ def plan_input(spec: InputSpec, notes_per_shard: int, limit: int | None) -> Inpu
         elif fs.exists(root):
             paths = [root]
         else:
-            raise FileNotFoundError(root)
+            paths = None
+            missing = describe_missing(fs, root)
     except Exception as exc:  # noqa: BLE001 - storage libraries raise many kinds; one clear line instead
         raise InputError(f"input {spec.uri}: {describe_error(exc)}") from None
+    if paths is None:
+        raise InputError(f"input {spec.uri}: {missing}; point input.uri (or --input) at a Parquet file or folder")
     if not paths:
         raise InputError(f"input {spec.uri}: no .parquet files found; point input.uri (or --input) at a Parquet file or folder")
     files, shards, schema, remaining = [], [], None, limit
