@@ -46,7 +46,7 @@ class Mention:
 class Assessment:
     """The candidate stage's verdict on one (note, question)."""
 
-    route: str
+    route: str | None
     candidates: int = 0
     flags: str | None = None
     output: str | None = None
@@ -57,18 +57,17 @@ class Assessment:
 def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     """Append CANDIDATE_COLUMNS to an expanded (note x question) batch."""
     n = batch.num_rows
-    mode = plan.job.extraction.mode
-    if mode == "model" or n == 0:
-        return _append(batch, [Assessment("model")] * n)
+    failed = batch["note_error"].is_valid().to_pylist() if "note_error" in batch.column_names else [False] * n
+    if plan.job.extraction.mode == "model" or n == 0:
+        return _append(batch, [NOT_ASKED if failed[row] else ASK_MODEL for row in range(n)])
     texts = batch["text"].combine_chunks()
     note_of = texts.indices.to_pylist() if pa.types.is_dictionary(texts.type) else list(range(n))
     notes = texts.dictionary.to_pylist() if pa.types.is_dictionary(texts.type) else texts.to_pylist()
     questions = batch["question_id"].to_pylist()
-    failed = batch["note_error"].is_valid().to_pylist() if "note_error" in batch.column_names else [False] * n
     rows_by_note: dict[int, list[int]] = {}
     for row in range(n):
         rows_by_note.setdefault(note_of[row], []).append(row)
-    verdicts: list[Assessment] = [Assessment("model")] * n
+    verdicts: list[Assessment] = [NOT_ASKED] * n
     for note, rows in rows_by_note.items():
         live = [r for r in rows if not failed[r]]
         if live:
@@ -76,6 +75,10 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
             for row, verdict in zip(live, assessed):
                 verdicts[row] = verdict
     return _append(batch, verdicts)
+
+
+ASK_MODEL = Assessment("model")
+NOT_ASKED = Assessment(None)  # a row whose note failed (empty, duplicate, ...): an error row, asked of nobody
 
 
 def _append(batch: pa.Table, verdicts: list[Assessment]) -> pa.Table:

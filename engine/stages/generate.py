@@ -63,7 +63,7 @@ class GenerateAnswers:
         n = batch.num_rows
         live = pc.is_null(batch["note_error"].combine_chunks())
         route = batch["route"].combine_chunks()
-        to_model = pc.and_(live, pc.equal(route, "model"))
+        to_model = pc.and_(live, pc.fill_null(pc.equal(route, "model"), False))
         todo = pc.indices_nonzero(to_model).to_pylist()
         generations = self._generate(batch, todo)
         columns = {
@@ -84,7 +84,8 @@ class GenerateAnswers:
                                     pa.scalar(NO_CUES_ERROR), column)
             batch = batch.append_column(name, column)
         model_name = self.backend.model_name if self.backend is not None else self.plan.job.model.name
-        batch = batch.append_column("model", pc.if_else(to_model, pa.scalar(model_name), pa.scalar(CUE_MODEL_NAME)))
+        by_model = pc.equal(pc.fill_null(route, "model"), "model")  # failed notes keep the job's model, as before
+        batch = batch.append_column("model", pc.if_else(by_model, pa.scalar(model_name), pa.scalar(CUE_MODEL_NAME)))
         seconds = time.perf_counter() - started
         return batch.append_column("batch_seconds", pa.array([seconds / max(n, 1)] * n, pa.float64()))
 
