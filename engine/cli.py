@@ -131,13 +131,14 @@ def rules(
     output: Annotated[Optional[str], typer.Option("--output", help="Where to write patients/ (default: beside the answers).")] = None,
 ) -> None:
     """Re-screen from existing answers after changing rules or thresholds: no model, seconds."""
-    from engine.output import OutputStore, read_answers
+    from engine.answers_db import answers_dataset
+    from engine.output import OutputStore
     from engine.rules import screen
 
     started = time.perf_counter()
     try:
         job = _load(job_path)
-        table = read_answers(answers, job.output.storage_options)
+        table = answers_dataset(answers, job.output.storage_options)
         patients, funnel = screen(table, job)
         target = output or (answers.rstrip("/").removesuffix("answers").rstrip("/") or ".")
         store = OutputStore(target, job.output.storage_options)

@@ -130,16 +130,19 @@ def _x_axis(ticks: list[float], x, y: float, label: str, centre: float) -> str:
             f'<text x="{centre:.1f}" y="{y + 32}" text-anchor="middle">{_e(label)}</text></g>')
 
 
-def histogram(chart_id: str, values: np.ndarray, unit: str, title: str) -> str:
-    """A histogram of one question's numbers: x the value (in `unit`), y the number of notes."""
+def histogram(chart_id: str, values: np.ndarray, unit: str, title: str, weights: np.ndarray | None = None) -> str:
+    """A histogram of one question's numbers: x the value (in `unit`), y the number of notes (each value counted
+    `weights` times: the rows that gave it)."""
     width, height, left, right, top, bottom = 300, 170, 40, 12, 8, 40
-    values = values[np.isfinite(values)]
+    weights = np.ones(values.size) if weights is None else weights
+    finite = np.isfinite(values)
+    values, weights = values[finite], weights[finite]
     if values.size == 0:
         return f'<svg id="{_e(chart_id)}" class="histogram" width="{width}" height="40"><text x="0" y="20">no numbers answered</text></svg>'
     low, high = float(values.min()), float(values.max())
     if low == high:
         low, high = low - 0.5, high + 0.5
-    counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(low, high))
+    counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(low, high), weights=weights)
     y_ticks = nice_ticks(float(counts.max()), 3)
     plot_w, plot_h = width - left - right, height - top - bottom
     x = lambda v: left + (v - low) / (high - low) * plot_w
@@ -187,23 +190,11 @@ def interval_plot(chart_id: str, rows: list[dict]) -> str:
 
 
 # --- data to rows ----------------------------------------------------------------------------------------------
-def answer_categories(answers: pa.Table) -> pa.Array:
-    """yes / no / value / not_in_note / error for each answer row."""
-    status = answers["status"].fill_null("error")
-    answered = pc.equal(status, "answered")
-    value_bool, value_num = answers["value_bool"], answers["value_num"]
-    category = pc.if_else(pc.and_(answered, pc.is_valid(value_bool)), pc.if_else(value_bool.fill_null(False), "yes", "no"),
-                          pc.if_else(pc.and_(answered, pc.is_valid(value_num)), "value",
-                                     pc.if_else(pc.equal(status, "not_in_note"), "not_in_note", "error")))
-    return category
+def answer_rows(answers, job: JobSpec | None) -> list[dict]:
+    """One bar per question from the per-(question, category) counts (SQL over a table or the committed files)."""
+    from engine.answers_db import answer_categories
 
-
-def answer_rows(answers: pa.Table, job: JobSpec | None) -> list[dict]:
-    counts = pa.table({"question_id": answers["question_id"], "category": answer_categories(answers)})
-    grouped = counts.group_by(["question_id", "category"]).aggregate([([], "count_all")]).to_pylist()
-    by_question: dict[str, dict[str, int]] = {}
-    for row in grouped:
-        by_question.setdefault(row["question_id"], {})[row["category"]] = row["count_all"]
+    by_question = answer_categories(answers)
     order = [q.id for q in job.questions if q.id in by_question] if job else []
     order += sorted(set(by_question) - set(order))
     rows = []
@@ -216,21 +207,25 @@ def answer_rows(answers: pa.Table, job: JobSpec | None) -> list[dict]:
     return rows
 
 
-def numeric_values(answers: pa.Table, job: JobSpec | None) -> list[tuple[str, np.ndarray, str, int]]:
-    """(question id, numbers in the canonical unit, unit, numbers left out for an unaccepted unit) per numeric question."""
-    numbered = answers.filter(pc.and_(pc.equal(answers["status"].fill_null(""), "answered"), pc.is_valid(answers["value_num"])))
+def numeric_values(answers, job: JobSpec | None) -> list[tuple[str, np.ndarray, np.ndarray, str, int]]:
+    """(question id, distinct numbers in the canonical unit, their row counts, unit, numbers left out for an
+    unaccepted unit) per numeric question, from the distinct answered numbers (never the whole table)."""
+    from engine.answers_db import answered_numbers
+
+    numbered = answered_numbers(answers)
     questions = [q for q in job.questions if q.type == "numeric"] if job else []
     ids = [q.id for q in questions] or sorted(set(numbered["question_id"].to_pylist()))
     result = []
     for i, qid in enumerate(ids):
         rows = numbered.filter(pc.equal(numbered["question_id"], qid))
         values = rows["value_num"].to_numpy(zero_copy_only=False).astype(float)
+        weights = rows["n"].to_numpy(zero_copy_only=False).astype(np.int64)
         if not questions:
-            result.append((qid, values, "as written", 0))
+            result.append((qid, values, weights, "as written", 0))
             continue
         converted = canonical_values(values, rows["unit"], questions[i])
-        kept = converted[np.isfinite(converted)]
-        result.append((qid, kept, questions[i].unit or "", values.size - kept.size))
+        kept = np.isfinite(converted)
+        result.append((qid, converted[kept], weights[kept], questions[i].unit or "", int(weights[~kept].sum())))
     return result
 
 
@@ -345,18 +340,18 @@ def cohort_sections(report: dict | None, patients: pa.Table | None, funnel: list
     return "".join(parts)
 
 
-def answer_sections(answers: pa.Table, job: JobSpec | None) -> str:
+def answer_sections(answers, job: JobSpec | None) -> str:
     rows = answer_rows(answers, job)
     parts = [_section("Answers per question", "answers-section",
                       "One bar per question over all notes: yes/no answers, numbers given, 'not in note' and error rows.",
                       legend(ANSWER_LABELS, ANSWER_COLOURS) + stacked_bars("answers", rows, ANSWER_COLOURS, ANSWER_LABELS,
                                                                            "notes", "answer-bar"))]
     panels = []
-    for qid, values, unit, dropped in numeric_values(answers, job):
+    for qid, values, weights, unit, dropped in numeric_values(answers, job):
         extra = f"; {dropped} in a unit the question does not accept" if dropped else ""
-        caption = f"{values.size} numbers{extra}"
+        caption = f"{int(weights.sum())} numbers{extra}"
         panels.append(f'<div class="panel"><h3>{_e(qid)}</h3><p class="note">{_e(caption)}</p>'
-                      f'{histogram(f"histogram-{_slug(qid)}", values, unit, qid)}</div>')
+                      f'{histogram(f"histogram-{_slug(qid)}", values, unit, qid, weights)}</div>')
     if panels:
         parts.append(_section("Numbers answered", "numbers-section",
                               "Histogram of each numeric question's answers, converted to the question's canonical unit "
@@ -364,10 +359,12 @@ def answer_sections(answers: pa.Table, job: JobSpec | None) -> str:
     return "".join(parts)
 
 
-def grounding_section(report: dict | None, answers: pa.Table | None) -> str:
+def grounding_section(report: dict | None, answers) -> str:
+    from engine.answers_db import answer_totals
+
     counts = dict((report or {}).get("grounding") or {})
-    if not counts and answers is not None and "grounding" in answers.column_names:
-        counts = {r["values"]: r["counts"] for r in pc.value_counts(answers["grounding"].drop_null()).to_pylist()}
+    if not counts and answers is not None and "grounding" in answers.schema.names:
+        counts = answer_totals(answers)["grounding"]
     if not counts:
         return ""
     rows = [{"id": k, "label": GROUNDING_LABELS.get(k, k), "segments": {k: int(counts.get(k, 0))}, "note": str(counts.get(k, 0))}
@@ -406,9 +403,14 @@ def evaluation_section(evaluation: pa.Table, summary: dict) -> str:
 
 
 # --- the page --------------------------------------------------------------------------------------------------
-def render_report(report: dict | None = None, answers: pa.Table | None = None, patients: pa.Table | None = None,
+def render_report(report: dict | None = None, answers=None, patients: pa.Table | None = None,
                   evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None) -> str:
-    """The whole page as one string; every argument may be missing (its sections are left out)."""
+    """The whole page as one string; every argument may be missing (its sections are left out).
+
+    `answers` is a table or the committed files (a pyarrow dataset); only aggregates of it are read.
+    """
+    from engine.answers_db import row_count
+
     funnel = _funnel(report, patients, job)
     name = (report or {}).get("job") or (job.name if job else "engine run")
     subtitle = " · ".join(_e(x) for x in (
@@ -416,7 +418,7 @@ def render_report(report: dict | None = None, answers: pa.Table | None = None, p
         f"job fingerprint {report.get('job_fingerprint')}" if report else "",
         f"generated {report.get('generated')}" if report else "") if x)
     sections = [figures_section(report) if report else "", cohort_sections(report, patients, funnel, job)]
-    if answers is not None and answers.num_rows:
+    if row_count(answers):
         sections.append(answer_sections(answers, job))
     sections.append(grounding_section(report, answers))
     if evaluation is not None:
@@ -439,7 +441,7 @@ def _funnel(report: dict | None, patients: pa.Table | None, job: JobSpec | None)
     return list(((report or {}).get("cohort") or {}).get("funnel") or [])
 
 
-def write_report_html(store, job: JobSpec | None = None, *, report: dict | None = None, answers: pa.Table | None = None,
+def write_report_html(store, job: JobSpec | None = None, *, report: dict | None = None, answers=None,
                       patients: pa.Table | None = None, source=None) -> str:
     """Render report.html into `store` (an OutputStore); what is not passed is read from `source` (default: store).
 
@@ -450,8 +452,10 @@ def write_report_html(store, job: JobSpec | None = None, *, report: dict | None 
     source = source or store
     report = report if report is not None else source._read_json("report.json")
     if answers is None:
+        from engine.answers_db import answers_dataset
+
         try:
-            answers = source.read_answers()
+            answers = answers_dataset(source.uri, source.storage_options)
         except OutputError:
             answers = None
     if patients is None:

@@ -72,6 +72,30 @@ def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:
     return parse_answers(batch, _plan(job_json))
 
 
+def compact_text(batch: pa.Table) -> pa.Table:
+    """The batch's note text with a dictionary of only its own notes.
+
+    Ray Data cuts a model batch out of a larger block, and the slice keeps the block's whole dictionary of note
+    texts: serialised after the model stage, every batch carried all the block's notes (3.4x the bytes at 100k
+    notes). Rows are note-major, so a batch's notes are one contiguous range of the dictionary.
+    """
+    column = batch["text"]
+    if not pa.types.is_dictionary(column.type) or batch.num_rows == 0:
+        return batch
+    text = column.combine_chunks()
+    low, high = (v.as_py() for v in pc.min_max(text.indices).values())
+    notes = pa.concat_arrays([text.dictionary.slice(low, high - low + 1)])  # a copy, not a view of the block's dictionary
+    own = pa.DictionaryArray.from_arrays(pc.subtract(text.indices, pa.scalar(low, text.indices.type)), notes)
+    return batch.set_column(batch.schema.get_field_index("text"), "text", own)
+
+
+class GenerateOnOwnNotes(GenerateAnswers):
+    """The model stage, fed batches whose note text holds only their own notes (compact_text)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return super().__call__(compact_text(batch))
+
+
 def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
     """The Ray Data graph. Shards of one row group are read together; a note's questions stay in one batch."""
     import ray.data
@@ -90,7 +114,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
         .map_batches(expand_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
         .map_batches(candidates_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
         .map_batches(
-            GenerateAnswers,
+            GenerateOnOwnNotes,
             fn_constructor_kwargs={"job": job.model_dump(mode="json")},
             compute=ray.data.ActorPoolStrategy(size=batching.actors),
             batch_size=batching.notes_per_batch * n_questions,
@@ -107,6 +131,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
 
 def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, progress=None) -> tuple[dict, RunStats]:
     """Run the job into its output folder, resuming committed shards; return the report and this run's stats."""
+    from engine.answers_db import answers_dataset
     from engine.html_report import write_report_html
     from engine.report import build_report
     from engine.rules import screen
@@ -126,7 +151,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
         ensure_ray()
         _stream_answers(job, inputs, pending, store, stats, progress)
     stats.finished = time.time()
-    answers = store.read_answers()
+    answers = answers_dataset(store.uri, store.storage_options)  # read in place, column by column, by DuckDB
     patients, funnel = screen(answers, job)
     store.write_table("patients/patients.parquet", patients)
     report = build_report(job, answers, patients, funnel, stats, store)
@@ -151,6 +176,45 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     fingerprint = job.fingerprint()
     collector = ShardCollector({s.shard_id: s.num_rows * n_questions for s in pending})
     dataset = build_dataset(job, inputs, pending)
+    with ShardWriter(store, stats, n_questions) as writer:
+        _consume(dataset, job, schema, fingerprint, collector, writer, stats, progress)
+    if collector.incomplete:
+        raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")
+
+
+class ShardWriter:
+    """Commits complete shards on one background thread (sorting and Parquet encoding release the GIL), so the
+    driver keeps pulling batches; at most one shard waits while the next is written."""
+
+    def __init__(self, store, stats, n_questions: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.stats, self.n_questions = store, stats, n_questions
+        self.pool, self.last = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit"), None
+
+    def submit(self, shard_id: str, table: pa.Table) -> None:
+        if self.last is not None:
+            self.last.result()  # raises the previous commit's error here
+        self.last = self.pool.submit(self._commit, shard_id, table)
+
+    def _commit(self, shard_id: str, table: pa.Table) -> None:
+        self.store.commit_shard(shard_id, table)
+        self.stats.shards_committed += 1
+        self.stats.notes_processed += table.num_rows // self.n_questions
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.last is not None and exc[0] is None:
+                self.last.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _consume(dataset, job, schema, fingerprint, collector, writer, stats, progress) -> None:
+    n_questions = len(job.questions)
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         if stats.first_result is None:
             stats.first_result = time.time()
@@ -162,8 +226,4 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
         if progress is not None:
             progress.advance(answers.num_rows / n_questions, answers)
         for shard_id, table in collector.add(answers):
-            store.commit_shard(shard_id, table)
-            stats.shards_committed += 1
-            stats.notes_processed += table.num_rows // n_questions
-    if collector.incomplete:
-        raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")
+            writer.submit(shard_id, table)

@@ -14,7 +14,6 @@ from engine.job import JobSpec
 
 STATUSES = ("answered", "not_in_note", "error")
 TOP_ERRORS = 10
-UNPARSED_ERRORS = "does not match the answer schema|reached model.max_tokens|returned no output"
 
 
 def hardware_description() -> str:
@@ -35,27 +34,18 @@ def hardware_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpus} GPU"
 
 
-def _counts(column: pa.ChunkedArray) -> dict[str, int]:
-    counts = pc.value_counts(column.drop_null()) if len(column) else []
-    return {row["values"]: int(row["counts"]) for row in (counts.to_pylist() if len(column) else [])}
+def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], stats, store) -> dict:
+    """report.json: the keys of issue 2 are stable; later additions extend, never rename.
 
+    `answers` is a table or the committed files (a pyarrow dataset): the counts are SQL aggregates over it.
+    """
+    from engine.answers_db import answer_totals
 
-def _sum(table: pa.Table, name: str) -> int:
-    value = pc.sum(table[name]).as_py() if table.num_rows else 0
-    return int(value or 0)
-
-
-def build_report(job: JobSpec, answers: pa.Table, patients: pa.Table, funnel: list[dict], stats, store) -> dict:
-    """report.json: the keys of issue 2 are stable; later additions extend, never rename."""
-    by_status = {status: 0 for status in STATUSES} | _counts(answers["status"])
-    errors = answers.filter(pc.equal(answers["status"], "error"))
-    top_errors = sorted(_counts(errors["error"]).items(), key=lambda kv: -kv[1])[:TOP_ERRORS]
-    prompt, cached, completion = (_sum(answers, n) for n in ("prompt_tokens", "cached_tokens", "completion_tokens"))
-    generated = int(pc.sum(pc.greater(answers["completion_tokens"].fill_null(0), 0)).as_py() or 0) if answers.num_rows else 0
-    notes = answers["note_id"].unique()
-    model_outputs = answers.filter(pc.is_valid(answers["completion_tokens"]))
-    unparsed = model_outputs.filter(pc.and_(pc.equal(model_outputs["status"], "error"),
-                                            pc.match_substring_regex(model_outputs["error"].fill_null(""), UNPARSED_ERRORS)))
+    totals = answer_totals(answers)
+    by_status = {status: 0 for status in STATUSES} | totals["by_status"]
+    top_errors = list(totals["errors"].items())[:TOP_ERRORS]
+    prompt, cached, completion = totals["prompt_tokens"], totals["cached_tokens"], totals["completion_tokens"]
+    generated, model_outputs = totals["generated"], totals["model_outputs"]
     timing = _timing(job, stats, store)
     return {
         "job": job.name,
@@ -64,25 +54,53 @@ def build_report(job: JobSpec, answers: pa.Table, patients: pa.Table, funnel: li
         "backend": job.model.backend,
         "model": job.model.name,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "notes": len(notes),
-        "patients": len(answers["patient_id"].unique()),
+        "notes": totals["notes"],
+        "patients": totals["patients"],
         "questions": len(job.questions),
-        "rows": answers.num_rows,
+        "rows": totals["rows"],
         "rows_by_status": by_status,
         "top_errors": [{"error": e, "rows": n} for e, n in top_errors],
-        "notes_truncated": len(answers.filter(pc.fill_null(answers["truncated"], False))["note_id"].unique()),
-        "grounding": {k: v for k, v in _counts(answers["grounding"]).items()},
+        "notes_truncated": totals["notes_truncated"],
+        "grounding": totals["grounding"],
         "prompt_tokens": prompt,
         "cached_prompt_tokens": cached,
         "computed_prompt_tokens": prompt - cached,
         "prefix_cache_hit_rate": round(cached / prompt, 4) if prompt else None,
         "completion_tokens": completion,
         "completion_tokens_per_answer": round(completion / generated, 2) if generated else None,
-        "model_outputs": model_outputs.num_rows,
-        "schema_valid_rate": round(1 - unparsed.num_rows / model_outputs.num_rows, 6) if model_outputs.num_rows else None,
-        "cohort": {"status": _counts(patients["status"]) if "status" in patients.column_names else {}, "funnel": funnel},
+        "model_outputs": model_outputs,
+        "schema_valid_rate": round(1 - totals["unparsed"] / model_outputs, 6) if model_outputs else None,
+        "cohort": {"status": _status_counts(patients), "funnel": funnel},
+        **_review(job, answers, patients),
         **timing,
     }
+
+
+def _status_counts(patients: pa.Table) -> dict[str, int]:
+    if "status" not in patients.column_names or not patients.num_rows:
+        return {}
+    return {row["values"]: int(row["counts"]) for row in pc.value_counts(patients["status"].drop_null()).to_pylist()}
+
+
+def _review(job: JobSpec, answers, patients: pa.Table) -> dict:
+    """With review.require_grounded_evidence: ungrounded answer rows and the patients and criteria they put on hold."""
+    from engine.answers_db import ungrounded_answers
+
+    review = job.review
+    if not review.require_grounded_evidence:
+        return {}
+    flags = {c.id: f"{c.id}__ungrounded" for c in job.criteria if f"{c.id}__ungrounded" in patients.column_names}
+    held = pa.array([False] * patients.num_rows)
+    for column in flags.values():
+        held = pc.or_(held, patients[column].fill_null(False))
+    review_now = pc.and_(held, pc.equal(patients["status"], "needs_review")) if patients.num_rows else held
+    return {"ungrounded": {
+        "require_grounded_evidence": True, "accept_fuzzy": review.accept_fuzzy,
+        "answers": ungrounded_answers(answers, review.accept_fuzzy),
+        "patients": int(pc.sum(held).as_py() or 0),
+        "patients_needs_review": int(pc.sum(review_now).as_py() or 0),
+        "criteria": {cid: int(pc.sum(patients[col].fill_null(False)).as_py() or 0) for cid, col in flags.items()},
+    }}
 
 
 def _timing(job: JobSpec, stats, store) -> dict:

@@ -11,6 +11,14 @@ Per-note value of an answer row:
     unit or a non-finite number -> unknown. `not_in_note` and errors -> unknown.
 Roll-ups (NULL = unknown): `any` Kleene OR, `all` Kleene AND, `max`/`min` over known values, `latest` the
 known value of the latest note by charttime (notes without a charttime count as oldest).
+
+Grounding (job `review.require_grounded_evidence`): an answered row counts as grounded when its evidence quote
+was found in the note (`exact`, or `fuzzy` with `accept_fuzzy`). Grounded rows win ties; when the winning row
+is not grounded the value is unknown (NULL), its note id and quote stay, and `<question>__ungrounded` is true.
+
+`answers` may be a table or the committed files (a pyarrow dataset, engine.answers_db): DuckDB reads only the
+columns roll-up needs, and aggregates the patients in passes of about PASS_ROWS answer rows each (by patient
+id range), so memory stays bounded by the patient table, not by the answers.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ from collections.abc import Mapping
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.job import JobSpec, QuestionSpec
 from engine.units import conversion_factor
+
+PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
 
 ANSWER_COLUMNS = {
     "patient_id": pa.string(), "note_id": pa.string(), "question_id": pa.string(), "status": pa.string(),
@@ -43,7 +54,7 @@ _WINNER_KEY = f"""struct_pack(
       WHEN 'any' THEN CASE WHEN vb THEN 2 WHEN vb IS NULL THEN 1 ELSE 0 END
       WHEN 'all' THEN CASE WHEN NOT vb THEN 2 WHEN vb IS NULL THEN 1 ELSE 0 END END, '-inf'::DOUBLE),
   k2 := CASE WHEN rollup = 'latest' THEN coalesce(epoch_us(charttime), {_NEVER}) ELSE 0 END,
-  k3 := answered, k4 := coalesce(epoch_us(charttime), {_NEVER}), k5 := coalesce(note_id, ''))"""
+  k3 := answered, k3g := grounded, k4 := coalesce(epoch_us(charttime), {_NEVER}), k5 := coalesce(note_id, ''))"""
 
 
 def patient_schema(job: JobSpec, structured_types: Mapping[str, pa.DataType] | None = None) -> pa.Schema:
@@ -58,42 +69,72 @@ def patient_schema(job: JobSpec, structured_types: Mapping[str, pa.DataType] | N
     for q in job.questions:
         fields.append(pa.field(q.id, pa.bool_() if q.type == "yes_no" else pa.float64()))
         fields += [pa.field(f"{q.id}__note_id", pa.string()), pa.field(f"{q.id}__evidence", pa.string())]
+        if job.review.require_grounded_evidence:
+            fields.append(pa.field(f"{q.id}__ungrounded", pa.bool_()))
     return pa.schema(fields)
 
 
-def rollup_answers(answers: pa.Table, job: JobSpec) -> pa.Table:
+def rollup_answers(answers, job: JobSpec) -> pa.Table:
     """One row per patient (sorted by patient_id) with the rolled-up value of every question.
 
-    `answers` has one row per (note, question): ANSWER_COLUMNS plus the job's structured columns. Rows for
-    question ids the job does not ask are ignored, but their notes still count in `n_notes`.
+    `answers` (a pyarrow Table or Dataset) has one row per (note, question): ANSWER_COLUMNS plus the job's
+    structured columns (and `grounding` when the job requires grounded evidence). Rows for question ids the
+    job does not ask are ignored, but their notes still count in `n_notes`.
     """
-    answers = _check_answers(answers, job)
-    schema = patient_schema(job, {name: answers.schema.field(name).type for name in job.input.structured})
     con = _connect()
-    con.register("answers", answers)
+    con.register("answers_in", answers)
+    _answers_view(con, answers.schema, job)
+    schema = patient_schema(job, {name: answers.schema.field(name).type for name in job.input.structured})
     con.register("questions", _question_table(job))
     con.register("units", _unit_table(con, job))
     con.sql(f"CREATE TEMP TABLE patients AS {_patients_sql(job)}")
-    winners = con.sql(_winners_sql()).to_arrow_table()
     patients = con.sql("SELECT * EXCLUDE (pidx) FROM patients ORDER BY pidx").to_arrow_table()
-    columns = _pivot(winners, patients.num_rows, job)
+    parts = [_rollup_range(con, job, first, last) for first, last in _patient_ranges(patients.num_rows, _rows(answers))]
+    if not parts:
+        return schema.empty_table()
+    columns = {name: pa.chunked_array([p[name] for p in parts]) for name in parts[0]}
     table = pa.Table.from_arrays([*patients.columns, *columns.values()], [*patients.column_names, *columns])
     return table.select(schema.names).cast(schema)
 
 
-def _check_answers(answers: pa.Table, job: JobSpec) -> pa.Table:
-    """Fail on missing columns (naming them); add an all-null charttime when the input has none."""
-    if "charttime" not in answers.column_names:
-        answers = answers.append_column("charttime", pa.nulls(answers.num_rows, pa.timestamp("us")))
-    needed = [*ANSWER_COLUMNS, *job.input.structured]
-    missing = [name for name in needed if name not in answers.column_names]
+def _rows(answers) -> int:
+    return answers.num_rows if isinstance(answers, pa.Table) else answers.count_rows()
+
+
+def _patient_ranges(n_patients: int, n_rows: int) -> list[tuple[int, int]]:
+    """[first, last] patient indices of each pass: about PASS_ROWS answer rows per pass."""
+    passes = max(1, -(-n_rows // PASS_ROWS))
+    size = max(1, -(-n_patients // passes))
+    return [(start, min(start + size, n_patients) - 1) for start in range(0, n_patients, size)]
+
+
+def _rollup_range(con: duckdb.DuckDBPyConnection, job: JobSpec, first: int, last: int) -> dict[str, pa.Array]:
+    """The question columns of patients first..last (by index), from the answer rows of those patients only."""
+    low, high = con.execute("SELECT min(patient_id), max(patient_id) FROM patients WHERE pidx BETWEEN ? AND ?",
+                            [first, last]).fetchone()
+    winners = con.execute(_winners_sql(), [low, high]).fetch_arrow_table()
+    winners = winners.set_column(0, "pidx", pc.subtract(winners["pidx"], first))
+    return _pivot(winners, last - first + 1, job)
+
+
+def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpec) -> None:
+    """View `answers` over `answers_in` with only the columns roll-up reads; fail naming any that are missing.
+
+    charttime may be absent (all NULL: every note counts as oldest); so may grounding unless the job requires it.
+    """
+    grounded = job.review.require_grounded_evidence
+    optional = {"charttime": "NULL::TIMESTAMP", **({} if grounded else {"grounding": "NULL::VARCHAR"})}
+    needed = [*ANSWER_COLUMNS, "grounding", *job.input.structured]
+    missing = [name for name in needed if name not in schema.names and name not in optional]
     if missing:
-        have = ", ".join(answers.column_names)
-        raise ValueError(f"answers table lacks column(s) {', '.join(missing)} (has: {have})")
+        raise ValueError(f"answers table lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
     for name in job.input.structured:
         if not _SAFE.match(name) or name in ANSWER_COLUMNS:
             raise ValueError(f"structured column {name!r} must be a lowercase identifier not in {list(ANSWER_COLUMNS)}")
-    return answers
+    select = ", ".join(_ident(n) if n in schema.names else f"{optional[n]} AS {_ident(n)}" for n in needed)
+    con.sql(f"CREATE TEMP VIEW answers AS SELECT {select} FROM answers_in")
+    accepted = ["exact", "fuzzy"] if job.review.accept_fuzzy else ["exact"]
+    con.register("grounding_rule", pa.table({"required": [grounded], "accepted": [accepted]}))
 
 
 def _question_table(job: JobSpec) -> pa.Table:
@@ -128,14 +169,20 @@ def _unit_table(con: duckdb.DuckDBPyConnection, job: JobSpec) -> pa.Table:
 
 
 def _winners_sql() -> str:
-    """The winning row of every (patient, question) that has rows: patient and question index, value, source."""
+    """The winning row of every (patient, question) with rows, for patient ids between two parameters.
+
+    Rows without a known value are left out for max/min/latest (they win only where no row is known, which
+    gives the same NULLs as no row); any/all keep them, an unknown ranks between TRUE and FALSE there.
+    """
     return f"""
 WITH rows AS ({_row_values_sql()}),
-won AS (SELECT patient_id, question_id, arg_max(struct_pack(vb, vn, sv, note_id, evidence), {_WINNER_KEY}) AS w
-        FROM rows GROUP BY ALL)
-SELECT p.pidx, q.qidx, w.vb, w.vn,
+won AS (SELECT patient_id, question_id, arg_max(struct_pack(vb, vn, sv, grounded, note_id, evidence), {_WINNER_KEY}) AS w
+        FROM rows WHERE sv IS NOT NULL OR rollup IN ('any', 'all') GROUP BY ALL)
+SELECT p.pidx, q.qidx,
+       CASE WHEN w.grounded THEN w.vb END AS vb, CASE WHEN w.grounded THEN w.vn END AS vn,
        CASE WHEN w.sv IS NOT NULL THEN w.note_id END AS note_id,
-       CASE WHEN w.sv IS NOT NULL THEN w.evidence END AS evidence
+       CASE WHEN w.sv IS NOT NULL THEN w.evidence END AS evidence,
+       w.sv IS NOT NULL AND NOT w.grounded AS ungrounded
 FROM won JOIN patients p USING (patient_id) JOIN questions q USING (question_id)"""
 
 
@@ -156,6 +203,8 @@ def _pivot(winners: pa.Table, n_patients: int, job: JobSpec) -> dict[str, pa.Arr
         columns[q.id] = winners[value].take(index)
         columns[f"{q.id}__note_id"] = winners["note_id"].take(index)
         columns[f"{q.id}__evidence"] = winners["evidence"].take(index)
+        if job.review.require_grounded_evidence:
+            columns[f"{q.id}__ungrounded"] = winners["ungrounded"].take(index).fill_null(False)
     return columns
 
 
@@ -165,6 +214,8 @@ def _row_values_sql() -> str:
   SELECT *, coalesce(vn, vb::DOUBLE) AS sv FROM (
     SELECT a.patient_id, a.note_id, a.question_id, a.charttime, a.evidence, q.rollup,
            coalesce(a.status = 'answered', FALSE) AS answered,
+           CASE WHEN NOT g.required OR a.status IS DISTINCT FROM 'answered' THEN TRUE
+                ELSE coalesce(list_contains(g.accepted, a.grounding), FALSE) END AS grounded,
            CASE WHEN q.qtype = 'yes_no' THEN CASE
                WHEN a.status = 'answered' THEN a.value_bool
                WHEN a.status = 'not_in_note' AND q.absent_no THEN FALSE END END AS vb,
@@ -173,7 +224,9 @@ def _row_values_sql() -> str:
                     ELSE a.value_num * u.factor END END AS vn
     FROM answers a
     JOIN questions q ON q.question_id = a.question_id
-    LEFT JOIN units u ON u.question_id = a.question_id AND u.unit_key = coalesce(a.unit, ''))"""
+    CROSS JOIN grounding_rule g
+    LEFT JOIN units u ON u.question_id = a.question_id AND u.unit_key = coalesce(a.unit, '')
+    WHERE a.patient_id BETWEEN $1 AND $2)"""
 
 
 def _patients_sql(job: JobSpec) -> str:
@@ -205,7 +258,10 @@ def _ident(name: str) -> str:
 
 def _connect() -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB that cannot touch files or load extensions: roll-up needs nothing outside memory."""
-    return duckdb.connect(":memory:", config={
+    con = duckdb.connect(":memory:", config={
         "enable_external_access": False, "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False, "lock_configuration": True,
+        "autoload_known_extensions": False,
     })
+    con.execute("SET enable_progress_bar = false")  # a session option: set before the lock
+    con.execute("SET lock_configuration = true")
+    return con

@@ -30,10 +30,13 @@ _UNKNOWN_AS = {"met": "TRUE", "not_met": "FALSE", "needs_review": "NULL"}
 
 def sandbox() -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB with external access off and its configuration locked (a rule cannot undo it)."""
-    return duckdb.connect(":memory:", config={
+    con = duckdb.connect(":memory:", config={
         "enable_external_access": False, "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False, "lock_configuration": True,
+        "autoload_known_extensions": False,
     })
+    con.execute("SET enable_progress_bar = false")  # a session option: set before the lock
+    con.execute("SET lock_configuration = true")
+    return con
 
 
 def check_rules(job: JobSpec, structured_types: Mapping[str, pa.DataType] | None = None) -> list[str]:
@@ -55,6 +58,10 @@ def apply_rules(patients: pa.Table, job: JobSpec) -> pa.Table:
     `unknown:`), else 'needs_review' if a criterion is unknown with `unknown: needs_review`, else 'eligible'.
     reasons: the ids of the criteria that decided a non-eligible status, in job order. Raises JobError
     if a rule does not check against this table.
+
+    With `review.require_grounded_evidence`, a criterion that is unknown while a question it needs rests on
+    ungrounded evidence (roll-up's `<question>__ungrounded`) needs review whatever its `unknown:` says; its
+    reason reads "<criterion>: <question(s)> evidence not found in note" and `<criterion>__ungrounded` is true.
     """
     con = sandbox()
     numbered = patients.append_column("__row", pa.array(np.arange(patients.num_rows), pa.int64()))
@@ -62,7 +69,7 @@ def apply_rules(patients: pa.Table, job: JobSpec) -> pa.Table:
     if problems:
         raise JobError("rules", problems)
     relation.create_view("ruled")
-    added = con.sql(f"SELECT {_decision_sql(job)} FROM ruled ORDER BY __row").to_arrow_table()
+    added = con.sql(f"SELECT {_decision_sql(job, _ungrounded_sql(con, job))} FROM ruled ORDER BY __row").to_arrow_table()
     added = added.set_column(added.schema.get_field_index("reasons"), "reasons",
                              added["reasons"].cast(pa.list_(pa.string())))
     for name in added.column_names:
@@ -94,8 +101,9 @@ def cohort_funnel(patients: pa.Table, job: JobSpec) -> list[dict]:
     return funnel
 
 
-def screen(answers: pa.Table, job: JobSpec) -> tuple[pa.Table, list[dict]]:
-    """Answers to decisions: roll up per patient, apply the rules, count the funnel."""
+def screen(answers, job: JobSpec) -> tuple[pa.Table, list[dict]]:
+    """Answers (a table, or the committed files as a pyarrow dataset) to decisions: roll up per patient, apply
+    the rules, count the funnel."""
     patients = apply_rules(rollup_answers(answers, job), job)
     return patients, cohort_funnel(patients, job)
 
@@ -235,21 +243,65 @@ def _try_type(relation: duckdb.DuckDBPyRelation, expr: duckdb.Expression, path: 
     return None
 
 
-def _decision_sql(job: JobSpec) -> str:
-    """Derived columns, per-criterion state, status and reasons: SQL over identifiers only, never user text."""
+def _decision_sql(job: JobSpec, ungrounded: dict[str, tuple[str, str]] | None = None) -> str:
+    """Derived columns, per-criterion state, status and reasons: SQL over identifiers only, never user text.
+
+    `ungrounded`: per criterion, (condition, reason) SQL for "unknown because its evidence is not grounded"
+    (_ungrounded_sql); such a criterion needs review whatever its `unknown:` says.
+    """
+    ungrounded = ungrounded or {}
+    flag = {c.id: ungrounded.get(c.id, ("FALSE", ""))[0] for c in job.criteria}
     raw = {c.id: f'"__rule_{_checked(c.id)}"' for c in job.criteria}
     states = [f"CASE WHEN {raw[c.id]} THEN 'met' WHEN NOT {raw[c.id]} THEN 'not_met' ELSE 'unknown' END AS \"{c.id}\""
               for c in job.criteria]
-    excl = [f"coalesce({raw[c.id]}, {_UNKNOWN_AS[c.unknown]}) IS {'TRUE' if c.kind == 'exclusion' else 'FALSE'}"
-            for c in job.criteria]
-    review = [f"({raw[c.id]} IS NULL AND {c.unknown == 'needs_review'})" for c in job.criteria]
+    excl = [f"coalesce({raw[c.id]}, CASE WHEN {flag[c.id]} THEN NULL ELSE {_UNKNOWN_AS[c.unknown]} END) "
+            f"IS {'TRUE' if c.kind == 'exclusion' else 'FALSE'}" for c in job.criteria]
+    review = [f"({raw[c.id]} IS NULL AND ({c.unknown == 'needs_review'} OR {flag[c.id]}))" for c in job.criteria]
     ids = [f"'{_checked(c.id)}'" for c in job.criteria]
+    review_ids = [f"CASE WHEN {ungrounded[c.id][0]} THEN {ungrounded[c.id][1]} ELSE {i} END" if c.id in ungrounded else i
+                  for c, i in zip(job.criteria, ids, strict=True)]
     any_excl, any_review = " OR ".join(excl) or "FALSE", " OR ".join(review) or "FALSE"
     status = f"CASE WHEN {any_excl} THEN 'excluded' WHEN {any_review} THEN 'needs_review' ELSE 'eligible' END AS status"
-    reasons = (f"CASE WHEN {any_excl} THEN {_pick(ids, excl)} WHEN {any_review} THEN {_pick(ids, review)} "
+    reasons = (f"CASE WHEN {any_excl} THEN {_pick(ids, excl)} WHEN {any_review} THEN {_pick(review_ids, review)} "
                f"ELSE []::VARCHAR[] END AS reasons")
     derived = [f'"{_checked(d.id)}"' for d in job.derived]
-    return ", ".join([*derived, *states, status, reasons])
+    flags = [f'{ungrounded[c.id][0]} AS "{c.id}__ungrounded"' for c in job.criteria if c.id in ungrounded]
+    return ", ".join([*derived, *states, status, reasons, *flags])
+
+
+def _ungrounded_sql(con: duckdb.DuckDBPyConnection, job: JobSpec) -> dict[str, tuple[str, str]]:
+    """Per criterion, when the job requires grounded evidence: (is it unknown on ungrounded evidence, its reason)."""
+    if not job.review.require_grounded_evidence:
+        return {}
+    needs = question_dependencies(con, job)
+    result = {}
+    for c in job.criteria:
+        flags = [(q, f'"{_checked(q)}__ungrounded"') for q in needs[c.id]]
+        if not flags:
+            result[c.id] = ("FALSE", f"'{_checked(c.id)}'")
+            continue
+        named = ", ".join(f"CASE WHEN {f} THEN '{q}' END" for q, f in flags)
+        questions = f"array_to_string([x FOR x IN list_value({named}) IF x IS NOT NULL], ', ')"
+        condition = f'("__rule_{_checked(c.id)}" IS NULL AND ({" OR ".join(f for _, f in flags)}))'
+        result[c.id] = (condition, f"'{_checked(c.id)}: ' || {questions} || ' evidence not found in note'")
+    return result
+
+
+def question_dependencies(con: duckdb.DuckDBPyConnection, job: JobSpec) -> dict[str, list[str]]:
+    """The question ids each criterion's rule reads, directly or through derived values, in job order."""
+    questions = [q.id for q in job.questions]
+    reads: dict[str, set[str]] = {}
+    for d in job.derived:
+        reads[d.id] = _names(con, d.expr, reads)
+    return {c.id: [q for q in questions if q in _names(con, c.rule, reads)] for c in job.criteria}
+
+
+def _names(con: duckdb.DuckDBPyConnection, text: str, derived: dict[str, set[str]]) -> set[str]:
+    """Column names an expression reads (lowercase), with derived values replaced by what they read."""
+    parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", ["SELECT " + text]).fetchone()[0])
+    nodes = _walk(parsed.get("statements", []))
+    names = {".".join(n["column_names"]).lower() for n in nodes if n.get("class") == "COLUMN_REF"}
+    return set().union(*(derived.get(n, {n}) for n in names)) if names else set()
 
 
 def _pick(ids: list[str], conditions: list[str]) -> str:

@@ -1,0 +1,121 @@
+"""Committed answers read where they lie: DuckDB streams answers/*.parquet (local or S3) through a pyarrow dataset.
+
+Roll-up, the run report and report.html aggregate the answers with SQL over this dataset, reading only the
+columns each query names, so the driver never holds the whole answers table (23M rows at 1M notes). The
+connection is the rules' sandbox (no file access, configuration locked): the files are opened by pyarrow, and
+DuckDB only scans the registered dataset.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from engine.errors import OutputError
+from engine.storage import filesystem, is_remote, join
+
+ANSWERS = "answers"
+Answers = pa.Table | ds.Dataset  # what the aggregating functions accept: a table in memory or the committed files
+
+
+def answer_files(uri: str, storage_options: dict | None = None) -> tuple:
+    """(fsspec filesystem, sorted committed .parquet paths) under an output folder or an answers/ folder."""
+    fs, root = filesystem(uri, storage_options)
+    folder = root if root.rstrip("/").endswith(ANSWERS) else join(fs, root, ANSWERS)
+    try:
+        files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+    except FileNotFoundError:
+        raise OutputError(f"no answers under {uri}: expected {folder}/*.parquet written by `engine run`") from None
+    if not files:
+        raise OutputError(f"no answers under {uri}: {folder} has no .parquet files")
+    return fs, files
+
+
+def answers_dataset(uri: str, storage_options: dict | None = None) -> ds.Dataset:
+    """The committed answers as one lazily read dataset (schema of the first shard; later shards are cast to it)."""
+    fs, files = answer_files(uri, storage_options)
+    arrow_fs = PyFileSystem(FSSpecHandler(fs)) if is_remote(fs) else None
+    return ds.dataset(files, format="parquet", filesystem=arrow_fs)
+
+
+def row_count(answers: Answers | None) -> int:
+    if answers is None:
+        return 0
+    return answers.num_rows if isinstance(answers, pa.Table) else answers.count_rows()
+
+
+def connect(answers: Answers, name: str = "answers") -> duckdb.DuckDBPyConnection:
+    """A sandboxed connection with `answers` registered as a view named `name`."""
+    from engine.rules import sandbox
+
+    con = sandbox()
+    con.register(name, answers)
+    return con
+
+
+def query_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> list[dict]:
+    table = con.execute(sql, params or []).fetch_arrow_table()
+    return table.to_pylist()
+
+
+# --- aggregates for report.json and report.html -----------------------------------------------------------------
+UNPARSED_ERRORS = "does not match the answer schema|reached model.max_tokens|returned no output"
+
+def _distinct(column: str, where: str = "TRUE") -> str:
+    """Distinct values of a column among rows where `where` holds, a missing id (NULL) counting as one value."""
+    return (f"(count(DISTINCT {column}) FILTER (WHERE {where}) "
+            f"+ coalesce(max(({column} IS NULL)::INT) FILTER (WHERE {where}), 0))")
+
+
+_TOTALS_SQL = f"""
+SELECT count(*) AS rows, {_distinct("note_id")} AS notes, {_distinct("patient_id")} AS patients,
+       {_distinct("note_id", "truncated")} AS notes_truncated,
+       coalesce(sum(prompt_tokens), 0)::BIGINT AS prompt_tokens, coalesce(sum(cached_tokens), 0)::BIGINT AS cached_tokens,
+       coalesce(sum(completion_tokens), 0)::BIGINT AS completion_tokens,
+       count(*) FILTER (WHERE coalesce(completion_tokens, 0) > 0) AS generated,
+       count(completion_tokens) AS model_outputs,
+       count(*) FILTER (WHERE completion_tokens IS NOT NULL AND status = 'error'
+                        AND regexp_matches(coalesce(error, ''), '{UNPARSED_ERRORS}')) AS unparsed
+FROM answers"""
+
+
+def answer_totals(answers: Answers) -> dict:
+    """Counts and token sums over all answer rows, by status, error reason and grounding (one scan each)."""
+    con = connect(answers)
+    totals = query_dicts(con, _TOTALS_SQL)[0]
+    counted = lambda column, where="TRUE": {r["k"]: r["n"] for r in query_dicts(  # noqa: E731
+        con, f"SELECT {column} AS k, count(*) AS n FROM answers WHERE {column} IS NOT NULL AND {where} GROUP BY 1 ORDER BY 2 DESC, 1")}
+    totals["by_status"] = counted("status")
+    totals["errors"] = counted("error", "status = 'error'")
+    totals["grounding"] = counted("grounding")
+    return totals
+
+
+def ungrounded_answers(answers: Answers, accept_fuzzy: bool) -> int:
+    """Answered rows whose evidence is not grounded (not_found, no quote, or fuzzy when fuzzy is not accepted)."""
+    accepted = "('exact', 'fuzzy')" if accept_fuzzy else "('exact')"
+    con = connect(answers)
+    return con.sql(f"SELECT count(*) FROM answers WHERE status = 'answered' AND coalesce(grounding NOT IN {accepted}, TRUE)").fetchone()[0]
+
+
+def answer_categories(answers: Answers) -> dict[str, dict[str, int]]:
+    """{question id: {yes|no|value|not_in_note|error: rows}}: what each question's answer rows say."""
+    con = connect(answers)
+    rows = query_dicts(con, """
+SELECT question_id, CASE WHEN status = 'answered' AND value_bool IS NOT NULL THEN CASE WHEN value_bool THEN 'yes' ELSE 'no' END
+                         WHEN status = 'answered' AND value_num IS NOT NULL THEN 'value'
+                         WHEN status = 'not_in_note' THEN 'not_in_note' ELSE 'error' END AS category, count(*) AS n
+FROM answers GROUP BY ALL""")
+    result: dict[str, dict[str, int]] = {}
+    for row in rows:
+        result.setdefault(row["question_id"], {})[row["category"]] = row["n"]
+    return result
+
+
+def answered_numbers(answers: Answers) -> pa.Table:
+    """Distinct (question_id, unit, value_num) of answered numbers with their row count `n` (histogram input)."""
+    con = connect(answers)
+    return con.execute("""SELECT question_id, unit, value_num, count(*) AS n FROM answers
+                          WHERE status = 'answered' AND value_num IS NOT NULL GROUP BY ALL ORDER BY ALL""").fetch_arrow_table()
