@@ -28,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_engine(job, notes: int, output: Path, prefix: bool, mode: str | None, labels: str | None) -> dict:
+def run_engine(job, notes: int, output: Path, prefix: bool, extraction: dict, labels: str | None) -> dict:
     from engine.pipeline import run_job
 
     model = job.model.model_copy(update={"enable_prefix_caching": prefix})
-    extraction = job.extraction.model_copy(update={"mode": mode or job.extraction.mode})
+    extraction = job.extraction.model_copy(update=extraction)
     job = job.model_copy(update={"model": model, "extraction": extraction,
                                  "output": job.output.model_copy(update={"uri": str(output)})})
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--job", default=str(ROOT / "jobs" / "apixaban.yaml"))
     parser.add_argument("--notes", type=int, default=8)
     parser.add_argument("--labels", default=None, help="gold labels (long format) for an eval summary per engine run")
-    parser.add_argument("--skip", action="append", default=[], choices=["plain", "model", "noprefix", "hybrid", "lexical"])
+    parser.add_argument("--skip", action="append", default=[], choices=["plain", "model", "noprefix", "hybrid", "hybrid-candidates", "lexical"])
     args = parser.parse_args()
 
     from engine.job import load_job
@@ -110,16 +110,19 @@ def main() -> None:
     job = load_job(args.job)
     ensure_ray()
     scratch = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    runs = [("engine, model", "model", True, "model"), ("engine, model, prefix cache off", "noprefix", False, "model"),
-            ("engine, hybrid", "hybrid", True, "hybrid"), ("engine, lexical (no model)", "lexical", True, "lexical")]
+    runs = [("engine, model", "model", True, {"mode": "model"}),
+            ("engine, model, prefix cache off", "noprefix", False, {"mode": "model"}),
+            ("engine, hybrid (job's settings)", "hybrid", True, {"mode": "hybrid"}),
+            ("engine, hybrid, every candidate", "hybrid-candidates", True, {"mode": "hybrid", "ask_model": "candidates"}),
+            ("engine, lexical (no model)", "lexical", True, {"mode": "lexical"})]
     results = {}
     try:
         if "plain" not in args.skip:
             results["plain ray.data.llm processor"] = run_plain_processor(job, args.notes)
             print("RESULT", json.dumps(results), flush=True)
-        for name, key, prefix, mode in runs:
+        for name, key, prefix, extraction in runs:
             if key not in args.skip:
-                results[name] = run_engine(job, args.notes, scratch / key, prefix, mode, args.labels)
+                results[name] = run_engine(job, args.notes, scratch / key, prefix, extraction, args.labels)
                 print("RESULT", json.dumps(results), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
