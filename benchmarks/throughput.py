@@ -7,6 +7,8 @@
   3. engine, no prefix - the same with model.enable_prefix_caching false
   4. engine, hybrid    - the job's own extraction settings (cues first, the model only where it can answer)
   5. engine, lexical   - cues only, no model
+  6. engine, no constraint - model mode without the answer grammar: the constraint's own cost (and how many
+                         free-text answers then fail the schema)
 
 Prints (note, question) pairs per second (steady state: busy time, start-up excluded, and wall time including
 start-up), model calls, prompt tokens computed, the ratios against the plain processor and against model-only,
@@ -28,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_engine(job, notes: int, output: Path, prefix: bool, extraction: dict, labels: str | None) -> dict:
+def run_engine(job, notes: int, output: Path, prefix: bool, extraction: dict, labels: str | None,
+               constrained: bool = True) -> dict:
     from engine.pipeline import run_job
 
-    model = job.model.model_copy(update={"enable_prefix_caching": prefix})
+    model = job.model.model_copy(update={"enable_prefix_caching": prefix, "constrained_decoding": constrained})
     extraction = job.extraction.model_copy(update=extraction)
     job = job.model_copy(update={"model": model, "extraction": extraction,
                                  "output": job.output.model_copy(update={"uri": str(output)})})
@@ -40,7 +43,8 @@ def run_engine(job, notes: int, output: Path, prefix: bool, extraction: dict, la
     wall = time.perf_counter() - started
     result = {"pairs": report["rows"], "model_calls": report["model_outputs"], "steady_pairs_per_s": report["pairs_per_second"],
               "wall_s": wall, "startup_s": report["startup_seconds"], "computed_prompt_tokens": report["computed_prompt_tokens"],
-              "prompt_tokens": report["prompt_tokens"], "completion_tokens": report["completion_tokens"]}
+              "prompt_tokens": report["prompt_tokens"], "completion_tokens": report["completion_tokens"],
+              "schema_valid_rate": report["schema_valid_rate"], "completion_tokens_per_answer": report["completion_tokens_per_answer"]}
     if labels:
         result.update(_eval_summary(job, output, labels))
     return result
@@ -83,7 +87,9 @@ def run_plain_processor(job, notes: int) -> dict:
         preprocess=lambda row: dict(
             messages=render_messages(row["text"], by_id[row["question_id"]]),
             sampling_params=dict(temperature=0.0, max_tokens=job.model.max_tokens,
-                                 structured_outputs=dict(json=schemas[row["question_id"]])),
+                                 # as a string: Ray Data stores rows as Arrow, which merges the dicts of different
+                                 # schemas into one struct, nulls included, and xgrammar rejects the result
+                                 structured_outputs=dict(json=json.dumps(schemas[row["question_id"]]))),
         ),
         postprocess=lambda row: dict(question_id=row["question_id"], answer=row["generated_text"],
                                      prompt_tokens=row.get("num_input_tokens", 0), completion_tokens=row.get("num_generated_tokens", 0)),
@@ -101,7 +107,7 @@ def main() -> None:
     parser.add_argument("--job", default=str(ROOT / "jobs" / "apixaban.yaml"))
     parser.add_argument("--notes", type=int, default=8)
     parser.add_argument("--labels", default=None, help="gold labels (long format) for an eval summary per engine run")
-    parser.add_argument("--skip", action="append", default=[], choices=["plain", "model", "noprefix", "hybrid", "hybrid-candidates", "lexical"])
+    parser.add_argument("--skip", action="append", default=[], choices=["plain", "model", "noprefix", "hybrid", "hybrid-candidates", "lexical", "unconstrained"])
     args = parser.parse_args()
 
     from engine.job import load_job
@@ -114,7 +120,8 @@ def main() -> None:
             ("engine, model, prefix cache off", "noprefix", False, {"mode": "model"}),
             ("engine, hybrid (job's settings)", "hybrid", True, {"mode": "hybrid"}),
             ("engine, hybrid, every candidate", "hybrid-candidates", True, {"mode": "hybrid", "ask_model": "candidates"}),
-            ("engine, lexical (no model)", "lexical", True, {"mode": "lexical"})]
+            ("engine, lexical (no model)", "lexical", True, {"mode": "lexical"}),
+            ("engine, model, no constraint", "unconstrained", True, {"mode": "model"})]
     results = {}
     try:
         if "plain" not in args.skip:
@@ -122,7 +129,8 @@ def main() -> None:
             print("RESULT", json.dumps(results), flush=True)
         for name, key, prefix, extraction in runs:
             if key not in args.skip:
-                results[name] = run_engine(job, args.notes, scratch / key, prefix, extraction, args.labels)
+                results[name] = run_engine(job, args.notes, scratch / key, prefix, extraction, args.labels,
+                                           constrained=key != "unconstrained")
                 print("RESULT", json.dumps(results), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

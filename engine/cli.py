@@ -109,7 +109,7 @@ def _warn_embedded(job: JobSpec) -> None:
     from engine.job import EMBEDDED_MODEL
     from engine.models import EMBEDDED_DISCLAIMER
 
-    if job.model.backend == "vllm" and job.model.name == EMBEDDED_MODEL:
+    if job.model.backend == "vllm" and job.model.name == EMBEDDED_MODEL and job.extraction.mode != "lexical":
         console.print(f"[yellow]Note:[/] {EMBEDDED_DISCLAIMER}")
 
 

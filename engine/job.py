@@ -43,6 +43,7 @@ class ModelSpec(Strict):
     max_tokens: int = Field(96, ge=8, le=2048, description="Cap on generated tokens per answer; an answer that reaches it is an error row.")
     dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16, float32. auto is bfloat16 on CPU.")
     enable_prefix_caching: bool = Field(True, description="Share the note prefix across its questions. Turn off only to measure its effect.")
+    constrained_decoding: bool = Field(True, description="Decode under each question's answer grammar (xgrammar), so every answer parses. Turn off only to measure the constraint's own cost: free text often fails the schema and becomes error rows.")
     block_size: int | None = Field(None, ge=16, le=256, description="KV-cache block (tokens); prefix hits are whole blocks. Default: 32 on CPU (the smallest CPU attention allows; measured 1.5x faster than vLLM's 128 there), vLLM's default on GPU.")
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="GPU only: share of GPU memory vLLM may use.")

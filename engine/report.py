@@ -127,8 +127,8 @@ def _timing(job: JobSpec, stats, store) -> dict:
         "usd_per_hour": job.pricing.usd_per_hour,
         "cost_per_10k_patients_usd": round(cost, 4),
         "cost_method": (
-            f"processing_seconds ({processing:.1f} s: busy time of the {stats.actors} model actor(s), measured inside "
-            f"them, start-up excluded) "
+            f"processing_seconds ({processing:.1f} s: busy time of the {stats.actors} model actor(s) plus the candidate "
+            f"stage, measured inside them, start-up excluded) "
             f"/ 3600 x ${job.pricing.usd_per_hour}/h / {patients} patients x 10,000; "
             f"{len(job.questions)} questions per note, {stats.notes_processed} notes this run"
         ),

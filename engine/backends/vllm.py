@@ -86,7 +86,7 @@ class VLLMBackend(Backend):
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = {
             q.id: SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, seed=spec.seed,
-                                 structured_outputs=StructuredOutputsParams(json=q.json_schema))
+                                 structured_outputs=StructuredOutputsParams(json=q.json_schema) if spec.constrained_decoding else None)
             for q in plan.questions
         }
         self.note_budget = self._note_token_budget(plan)
