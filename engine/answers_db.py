@@ -90,6 +90,7 @@ def answer_totals(answers: Answers) -> dict:
     totals["by_status"] = counted("status")
     totals["errors"] = counted("error", "status = 'error'")
     totals["grounding"] = counted("grounding")
+    totals["by_route"] = counted("route")
     return totals
 
 

@@ -278,6 +278,8 @@ def print_summary(report: dict, output_uri: str) -> None:
     rows = [
         ("notes / patients / questions", f"{report['notes']} / {report['patients']} / {report['questions']}"),
         ("rows answered / not in note / error", " / ".join(str(report["rows_by_status"].get(s, 0)) for s in ("answered", "not_in_note", "error"))),
+        ("answered by model / cues / no cue (calls saved)", " / ".join(str((report.get("rows_by_route") or {}).get(r, 0)) for r in ("model", "lexical", "no_candidate"))
+         + (f" ({report['model_calls_saved']:.0%})" if report.get("model_calls_saved") is not None else "")),
         ("prompt tokens (computed after prefix cache)", f"{report['prompt_tokens']:,} ({report['computed_prompt_tokens']:,})"),
         ("prefix-cache hit rate", _fmt(report.get("prefix_cache_hit_rate"))),
         ("completion tokens per answer", _fmt(report.get("completion_tokens_per_answer"))),

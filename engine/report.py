@@ -59,6 +59,8 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "questions": len(job.questions),
         "rows": totals["rows"],
         "rows_by_status": by_status,
+        "rows_by_route": totals["by_route"],
+        "model_calls_saved": _calls_saved(totals["by_route"]),
         "top_errors": [{"error": e, "rows": n} for e, n in top_errors],
         "notes_truncated": totals["notes_truncated"],
         "grounding": totals["grounding"],
@@ -74,6 +76,12 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         **_review(job, answers, patients),
         **timing,
     }
+
+
+def _calls_saved(by_route: dict[str, int]) -> float | None:
+    """Share of routed (note, question) pairs answered without the model (hybrid and lexical extraction)."""
+    routed = sum(by_route.values())
+    return round(1 - by_route.get("model", 0) / routed, 4) if routed else None
 
 
 def _status_counts(patients: pa.Table) -> dict[str, int]:
