@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import warnings
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -65,7 +66,7 @@ def candidates_stage(batch: pa.Table, job_json: str) -> pa.Table:
     started = time.perf_counter()
     batch = find_candidates(batch, _plan(job_json))
     share = (time.perf_counter() - started) / max(batch.num_rows, 1)
-    return batch.append_column("cue_seconds", pa.array([share] * batch.num_rows, pa.float64()))
+    return batch.append_column("cue_seconds", pa.array(np.full(batch.num_rows, share)))
 
 
 def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:

@@ -47,5 +47,10 @@ class Backend(ABC):
     def generate(self, requests: list[Request]) -> list[Generation]:
         """Answer every request; a per-request failure is a Generation with `error`, never an exception."""
 
+    def constant_answers(self) -> dict[str, str] | None:
+        """question id -> output, for a backend whose answer depends only on the question (null); the generate
+        stage then fills whole columns instead of building a request per row. None for real models."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""

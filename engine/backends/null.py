@@ -20,6 +20,9 @@ class NullBackend(Backend):
         super().__init__(plan)
         self.answers = {q.id: NOT_IN_NOTE[q.spec.type] for q in plan.questions}
 
+    def constant_answers(self) -> dict[str, str]:
+        return self.answers
+
     def generate(self, requests: list[Request]) -> list[Generation]:
         return [Generation(text=self.answers[r.question.id]) for r in requests]
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.context import Context, contexts
 from engine.cues import LabValue, Match, find_mentions, read_values
@@ -57,9 +59,9 @@ class Assessment:
 def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     """Append CANDIDATE_COLUMNS to an expanded (note x question) batch."""
     n = batch.num_rows
-    failed = batch["note_error"].is_valid().to_pylist() if "note_error" in batch.column_names else [False] * n
     if plan.job.extraction.mode == "model" or n == 0:
-        return _append(batch, [NOT_ASKED if failed[row] else ASK_MODEL for row in range(n)])
+        return _every_pair_to_the_model(batch)
+    failed = batch["note_error"].is_valid().to_pylist() if "note_error" in batch.column_names else [False] * n
     texts = batch["text"].combine_chunks()
     note_of = texts.indices.to_pylist() if pa.types.is_dictionary(texts.type) else list(range(n))
     notes = texts.dictionary.to_pylist() if pa.types.is_dictionary(texts.type) else texts.to_pylist()
@@ -77,8 +79,20 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     return _append(batch, verdicts)
 
 
-ASK_MODEL = Assessment("model")
 NOT_ASKED = Assessment(None)  # a row whose note failed (empty, duplicate, ...): an error row, asked of nobody
+
+
+def _every_pair_to_the_model(batch: pa.Table) -> pa.Table:
+    """Extraction mode model: whole columns at once (millions of rows; no per-row Python)."""
+    n = batch.num_rows
+    if "note_error" in batch.column_names:
+        route = pc.if_else(pc.is_valid(batch["note_error"]), pa.scalar(None, pa.string()), pa.scalar("model"))
+    else:
+        route = pa.array(["model"] * n, pa.string())
+    columns = {"route": route, "candidates": pa.array(np.zeros(n, dtype=np.int32))}
+    for name, dtype in CANDIDATE_COLUMNS.items():
+        batch = batch.append_column(name, columns.get(name, pa.nulls(n, dtype)))
+    return batch
 
 
 def _append(batch: pa.Table, verdicts: list[Assessment]) -> pa.Table:

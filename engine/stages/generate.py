@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -46,6 +47,21 @@ def _scatter(values: list, rows: list[int], n: int, dtype: pa.DataType) -> pa.Ar
     return pa.array(full, dtype)
 
 
+def _constant_columns(batch: pa.Table, to_model: pa.Array, answers: dict[str, str]) -> dict[str, pa.Array]:
+    """A backend whose answer depends only on the question (null): whole columns, no per-row Python."""
+    questions = batch["question_id"].combine_chunks()
+    if pa.types.is_dictionary(questions.type):
+        per_code = pa.array([answers[q] for q in questions.dictionary.to_pylist()], pa.string())
+        raw = per_code.take(questions.indices)
+    else:
+        keys = list(answers)
+        raw = pa.array([answers[k] for k in keys], pa.string()).take(pc.index_in(questions, value_set=pa.array(keys)))
+    when = lambda value, dtype: pc.if_else(to_model, pa.scalar(value, dtype), pa.scalar(None, dtype))  # noqa: E731
+    return {"raw_output": raw, "finish_reason": when("stop", pa.string()), "prompt_tokens": when(0, pa.int32()),
+            "cached_tokens": when(0, pa.int32()), "completion_tokens": when(0, pa.int32()),
+            "truncated": when(False, pa.bool_()), "generation_error": pa.nulls(batch.num_rows, pa.string())}
+
+
 CUE_MODEL_NAME = "cues"  # the `model` of rows answered without a model (routes lexical and no_candidate)
 
 
@@ -64,9 +80,28 @@ class GenerateAnswers:
         live = pc.is_null(batch["note_error"].combine_chunks())
         route = batch["route"].combine_chunks()
         to_model = pc.and_(live, pc.fill_null(pc.equal(route, "model"), False))
+        constant = self.backend.constant_answers() if self.backend is not None else None
+        if constant is not None:
+            columns = _constant_columns(batch, to_model, constant)
+        else:
+            columns = self._generated_columns(batch, to_model, n)
+        columns["raw_output"] = pc.if_else(to_model, columns["raw_output"], batch["cue_output"].combine_chunks())
+        lexical = pc.fill_null(pc.equal(route, "lexical"), False)
+        no_cues = pc.and_(live, pc.and_(lexical, pc.is_null(batch["cue_output"].combine_chunks())))
+        columns["generation_error"] = pc.if_else(no_cues, pa.scalar(NO_CUES_ERROR), columns["generation_error"])
+        for name in GENERATION_COLUMNS:
+            if name != "model":
+                batch = batch.append_column(name, columns[name])
+        model_name = self.backend.model_name if self.backend is not None else self.plan.job.model.name
+        by_model = pc.equal(pc.fill_null(route, "model"), "model")  # failed notes keep the job's model, as before
+        batch = batch.append_column("model", pc.if_else(by_model, pa.scalar(model_name), pa.scalar(CUE_MODEL_NAME)))
+        seconds = time.perf_counter() - started
+        return batch.append_column("batch_seconds", pa.array(np.full(n, seconds / max(n, 1))))
+
+    def _generated_columns(self, batch: pa.Table, to_model: pa.Array, n: int) -> dict[str, pa.Array]:
         todo = pc.indices_nonzero(to_model).to_pylist()
         generations = self._generate(batch, todo)
-        columns = {
+        values = {
             "raw_output": [g.text for g in generations],
             "finish_reason": [g.finish_reason for g in generations],
             "prompt_tokens": [g.prompt_tokens for g in generations],
@@ -75,19 +110,7 @@ class GenerateAnswers:
             "truncated": [g.truncated for g in generations],
             "generation_error": [g.error for g in generations],
         }
-        for name, values in columns.items():
-            column = _scatter(values, todo, n, GENERATION_COLUMNS[name])
-            if name == "raw_output":
-                column = pc.if_else(to_model, column, batch["cue_output"].combine_chunks())
-            elif name == "generation_error":
-                column = pc.if_else(pc.and_(live, pc.and_(pc.equal(route, "lexical"), pc.is_null(batch["cue_output"].combine_chunks()))),
-                                    pa.scalar(NO_CUES_ERROR), column)
-            batch = batch.append_column(name, column)
-        model_name = self.backend.model_name if self.backend is not None else self.plan.job.model.name
-        by_model = pc.equal(pc.fill_null(route, "model"), "model")  # failed notes keep the job's model, as before
-        batch = batch.append_column("model", pc.if_else(by_model, pa.scalar(model_name), pa.scalar(CUE_MODEL_NAME)))
-        seconds = time.perf_counter() - started
-        return batch.append_column("batch_seconds", pa.array([seconds / max(n, 1)] * n, pa.float64()))
+        return {name: _scatter(v, todo, n, GENERATION_COLUMNS[name]) for name, v in values.items()}
 
     def _generate(self, batch: pa.Table, todo: list[int]) -> list:
         if not todo:
