@@ -30,6 +30,7 @@ CONTEXT_CATEGORIES = {  # medspaCy ConText category -> engine flag
 }
 ENGINE_CATEGORIES = {flag: category for category, flag in CONTEXT_CATEGORIES.items()}
 FAMILY_SECTIONS = {"family_history"}
+HISTORY_SECTIONS = {"past_medical_history", "past_surgical_history"}  # "CVA 2015" in the PMH is not this admission
 SPAN_GROUP = "engine_cues"
 SPAN_READERS = ("medspacy_sectionizer", "medspacy_context")
 _DIRECTIONS = {"forward": "FORWARD", "backward": "BACKWARD", "bidirectional": "BIDIRECTIONAL"}
@@ -66,9 +67,16 @@ def _line_sentences(doc):
 
     words = [token.text for token in doc]
     spaces = [bool(token.whitespace_) for token in doc]
-    starts = [True] + [words[i - 1] in SENTENCE_END or "\n" in words[i - 1] or (spaces[i - 1] and "\n" in doc[i - 1].whitespace_)
+    starts = [True] + [words[i - 1] in SENTENCE_END or (_line_break_before(doc, i) and not words[i][:1].islower())
                        for i in range(1, len(words))]
     return Doc(doc.vocab, words=words, spaces=spaces, sent_starts=starts[: len(words)])
+
+
+def _line_break_before(doc, index: int) -> bool:
+    """A line break just before token `index`. A line that goes on in lower case ('No history of\ndiabetes') is a
+    wrapped sentence, not a new one (the caller checks the case)."""
+    previous = doc[index - 1]
+    return "\n" in previous.text or "\n" in previous.whitespace_
 
 
 @lru_cache(maxsize=8)
@@ -131,10 +139,21 @@ def _span_group(doc, spans: list[tuple[int, int]]) -> tuple[list, list[int]]:
     return group, order
 
 
+def _near_title(span) -> bool:
+    """In the section's first paragraph: a sectionizer that misses the next header ('Course:') would otherwise
+    make the rest of the note, labs included, a family history."""
+    title = span._.section_title
+    if title is None:
+        return True
+    return "\n\n" not in span.doc.text[title.end_char:span.start_char].replace(" ", "").replace("\t", "")
+
+
 def _context_of(span) -> Context:
     flags = {CONTEXT_CATEGORIES[m.category] for m in span._.modifiers if m.category in CONTEXT_CATEGORIES}
     section = span._.section_category
-    if section in FAMILY_SECTIONS:
+    if section in FAMILY_SECTIONS and _near_title(span):
         flags.add("family")
+    if section in HISTORY_SECTIONS:
+        flags.add("historical")
     sentence = span.sent
     return Context(frozenset(flags), sentence.start_char, sentence.end_char, section)

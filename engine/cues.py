@@ -21,15 +21,16 @@ CONNECTING_WORDS = frozenset("""
     of was were is are at to from rose fell peaked peak peaking up down trended trending improved increased
     decreased elevated high low then and with a an the on admission adm discharge d/c baseline nadir max min
     maximum minimum value values level levels count ct serum total blood plasma initial initially last
-    repeat subsequently now today hd pod day by which stable range ranging score visit clinic prior previously
+    repeat subsequently now today this evening morning overnight by which stable range ranging score visit clinic
+    prior previously
     current currently x estimated est calculated measured
 """.split())
 _NUMBER = re.compile(
-    r"(?P<cmp>[<>\u2264\u2265]=?\s*)?(?P<num>\d{1,3}(?:,\d{3})+(?![\d,])|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:\s*(?:-|\u2013)\s*(?P<num2>\d+(?:\.\d+)?))?"
+    r"(?P<num>\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+(?:\.\d+)?|\.\d+)"
 )
+_COMPARISON = re.compile(r"(?<![-=])[<>\u2264\u2265]=?\s*$")  # not the arrow in '8 -> 6'
 _WORD = re.compile(r"[A-Za-z\u00b5\u03bc/%^0-9.\u00b3\u00d7*]+")
-_SKIP = re.compile(r"[\s:=#|,;()\[\]\-\u2013>\u2192~*']+")
+_SKIP = re.compile(r"[\s:=#|,;()\[\]\-\u2013<>\u2264\u2265\u2192~*']+")
 _UNIT = re.compile(r"\s*\*?\s*(?:x\s?)?([A-Za-z\u00b5\u03bc%/^0-9\u00b3\u00d7.]+)")
 _DATE_OR_TIME = re.compile(r"\d{1,4}[/:]\d{1,2}")
 MAX_VALUES_PER_MENTION = 12
@@ -126,7 +127,52 @@ def read_values(text: str, mention: Match, question: QuestionSpec) -> list[LabVa
         if word is None or word.group().lower().rstrip(".") not in CONNECTING_WORDS:
             break
         pos = word.end()
-    return _units_carried_back(values)
+    return _units_carried_back(values) or read_column(text, mention, question)
+
+
+_CELL_SEPARATOR = re.compile(r"\t|\|")
+_RULE_LINE = re.compile(r"^[\s|:\-+=]*$")
+
+
+def read_column(text: str, mention: Match, question: QuestionSpec) -> list[LabValue]:
+    """A lab name in a table's header row ('| Date | Plt (K/uL) | Cr (mg/dL) |'): the values in its column below,
+    down to the first blank line, with the unit of the header cell."""
+    line_start = text.rfind("\n", 0, mention.start) + 1
+    line_end = text.find("\n", mention.end)
+    line_end = len(text) if line_end < 0 else line_end
+    header = text[line_start:line_end]
+    if len(_CELL_SEPARATOR.findall(header)) < 2:
+        return []
+    offset = mention.start - line_start
+    column = len(_CELL_SEPARATOR.findall(header[:offset]))
+    cell = _CELL_SEPARATOR.split(header)[column]
+    unit = next((u for u in (_accepted_unit(w, question) for w in _WORD.findall(cell)) if u), None)
+    values, pos = [], line_end + 1
+    while pos < len(text) and len(values) < MAX_VALUES_PER_MENTION:
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        row = text[pos:end]
+        if not row.strip() or len(_CELL_SEPARATOR.findall(row)) < 2:
+            break
+        if not _RULE_LINE.match(row):
+            values += _cell_value(text, pos, row, column, unit, question)
+        pos = end + 1
+    return values
+
+
+def _cell_value(text: str, row_start: int, row: str, column: int, unit: str | None, question: QuestionSpec) -> list[LabValue]:
+    cells = _CELL_SEPARATOR.split(row)
+    if column >= len(cells):
+        return []
+    cell_start = row_start + sum(len(c) + 1 for c in cells[:column])
+    stripped = cells[column].lstrip()
+    number = _NUMBER.match(text, cell_start + len(cells[column]) - len(stripped))
+    if not stripped or number is None:
+        return []
+    value, _ = _value_at(text, number, question)
+    if value is None:
+        return []
+    return [value if value.unit_written or unit is None else _with_unit(value, unit)]
 
 
 def _accepted_unit(token: str, question: QuestionSpec) -> str | None:
@@ -157,11 +203,13 @@ def _is_date_or_time(text: str, pos: int) -> bool:
 
 
 def _value_at(text: str, number: re.Match, question: QuestionSpec) -> tuple[LabValue | None, int]:
-    """The value starting at `number`, with the unit written after it (if any)."""
+    """The value starting at `number`, with the unit written after it (if any). A range ('30-35%') is read as
+    its two values, so the question's highest or lowest picks the right end."""
     written = number.group("num")
     end = number.end()
-    if number.group("num2") and question.rollup == "max":
-        written = number.group("num2")  # '30-35%' is 30 for a lowest, 35 for a highest
+    compared = _COMPARISON.search(text, max(0, number.start() - 3), number.start())
+    if compared and not (question.cues and question.cues.comparisons):
+        return None, end  # 'transfuse for Hgb < 7', 'plt >50': a threshold, not a result
     unit_match = _UNIT.match(text, end)
     unit_key, unit_written = question.unit, False
     candidate = unit_match.group(1).rstrip(".,;") if unit_match else ""

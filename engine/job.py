@@ -79,6 +79,7 @@ class CueSpec(Strict):
     not_terms: list[Annotated[str, Field(min_length=1, max_length=80)]] = Field(default_factory=list, description="Phrases that contain a cue but mean something else (Acute Stroke Team, CrCl, hemoglobin A1c, CHA2DS2-VASc); a cue inside one of them does not count.")
     ignore: list[ContextFlag] = Field(list(DEFAULT_IGNORED_CONTEXT), description="Context (medspaCy ConText and section) that makes a mention not the patient's current fact: negated, family, hypothetical, historical, uncertain, resolved. A prior-stroke question keeps historical mentions; a recent-stroke question ignores them.")
     value_chars: int = Field(40, ge=4, le=400, description="numeric only: how many characters after a lab name are read for its values (a table row or 'Cr 1.2 -> 2.6').")
+    comparisons: bool = Field(False, description="numeric only: whether a value written after <, >, <= or >= is a result (LVEF >55%) rather than a threshold ('transfuse for Hgb < 7').")
 
 
 class ContextRuleSpec(Strict):

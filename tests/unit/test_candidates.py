@@ -57,7 +57,7 @@ def test_cue_answers(apixaban_job):
 def test_hybrid_routes(apixaban_job):
     every = verdicts(apixaban_job, mode="hybrid", ask_model="candidates")
     assert every["atrial_fibrillation"].route == "model" and every["bipolar_disorder"].route == "no_candidate"
-    assert every["atrial_fibrillation"].hint == 'Cue mentions: "a-fib" (affirmed)'
+    assert every["atrial_fibrillation"].hint == 'Cue mentions: "a-fib" (historical)'  # a PMH mention
     assert every["atrial_fibrillation"].model_text is None  # model_sees: note
     unresolved = verdicts(apixaban_job, mode="hybrid", ask_model="unresolved")
     assert unresolved["atrial_fibrillation"].route == "lexical"  # one affirmed mention: unambiguous

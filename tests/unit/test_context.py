@@ -28,8 +28,8 @@ def flags_of(words: str, rules=RULES) -> list[tuple[str, list[str]]]:
 
 
 def test_negation_family_hypothetical_and_job_rules():
-    assert flags_of(r"a-fib|\bAF\b|afib") == [("a-fib", []), ("AF", ["negated"]), ("afib", ["hypothetical"]), ("AF", ["resolved"])]
-    assert flags_of("diabetes") == [("diabetes", ["negated"])]
+    assert flags_of(r"a-fib|\bAF\b|afib") == [("a-fib", ["historical"]), ("AF", ["negated"]), ("afib", ["hypothetical"]), ("AF", ["resolved"])]
+    assert flags_of("diabetes") == [("diabetes", ["historical", "negated"])]  # in the Past Medical History
     assert flags_of("bipolar disorder") == [("bipolar disorder", ["family"])]
 
 
@@ -37,6 +37,14 @@ def test_a_job_rule_is_kept_beside_a_medspacy_rule_for_the_same_words():
     # medspaCy has 'ruled out' forward; the job's backward rule must still negate "CHF ruled out"
     assert flags_of("CHF") == [("CHF", ["uncertain"]), ("CHF", ["negated"])]
     assert flags_of("CHF", rules=()) == [("CHF", ["uncertain"]), ("CHF", [])]  # medspaCy's own 'concerning for'; no backward rule
+
+
+def test_a_wrapped_line_is_one_sentence_and_a_family_section_ends_at_its_paragraph():
+    text = "Past Medical History:\nObesity. No history of\ndiabetes or hypertension.\n\nFamily History:\nFather with CVA.\n\nLabs: Cr 1.2"
+    spans = [(text.index(w), text.index(w) + len(w)) for w in ("diabetes", "CVA", "Cr")]
+    found = contexts(text, spans)
+    assert "negated" in found[0].flags
+    assert "family" in found[1].flags and "family" not in found[2].flags
 
 
 def test_sentence_and_section_of_each_mention():

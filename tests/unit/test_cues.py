@@ -53,6 +53,15 @@ def test_table_rows_with_the_unit_in_the_label(questions):
     assert values("PLT (x 10^9/L)\t182\t204", questions["platelets_min"]) == [(182.0, "10^9/L", True), (204.0, "10^9/L", True)]
 
 
+def test_a_lab_name_in_a_table_header_reads_its_column(questions):
+    table = ("| Date | Plt (K/uL) | Hgb (g/dL) | Cr (mg/dL) |\n|------|-----:|-----:|----:|\n"
+             "| HD1 | 42 | 11.0 | 0.8 |\n| HD3 | 57 | 9.7 | 0.9 |\n\nPlan: none")
+    assert values(table, questions["platelets_min"]) == [(42.0, "10^3/uL", True), (57.0, "10^3/uL", True)]
+    assert values(table, questions["creatinine_max"]) == [(0.8, "mg/dL", True), (0.9, "mg/dL", True)]
+    tabbed = "Lab\tHgb\tCr\nHD1\t9.1\t1.4\nHD2\t8.7\t1.9"
+    assert values(tabbed, questions["hemoglobin_min"]) == [(9.1, "g/dL", False), (8.7, "g/dL", False)]
+
+
 def test_a_unit_after_a_series_is_the_series_unit(questions):
     assert values("Hb: 5.3, 5.5, 5.7 mmol/L (serial)", questions["hemoglobin_min"]) == [(5.3, "mmol/L", True), (5.5, "mmol/L", True), (5.7, "mmol/L", True)]
     assert values("total bilirubin trended 8 -> 6 umol/L.", questions["bilirubin_max"]) == [(8.0, "umol/L", True), (6.0, "umol/L", True)]
@@ -61,7 +70,11 @@ def test_a_unit_after_a_series_is_the_series_unit(questions):
 def test_prose_thousands_ranges_and_stops(questions):
     assert values("Cr 1.2 on admission, peaked at 2.6 mg/dL", questions["creatinine_max"])[-1] == (2.6, "mg/dL", True)
     assert values("platelets 98,000/mm3", questions["platelets_min"]) == [(98000.0, "/mm3", True)]
-    assert values("TTE: LVEF 30-35%, moderate hypokinesis", questions["lvef_min"]) == [(30.0, "%", True)]
+    assert values("TTE: LVEF 30-35%, moderate hypokinesis", questions["lvef_min"]) == [(30.0, "%", True), (35.0, "%", True)]
+    assert values("Platelet nadir 98,000/mm3 on day 2", questions["platelets_min"]) == [(98000.0, "/mm3", True)]
+    assert values("platelets 240,000, ferritin 4", questions["platelets_min"]) == [(240000.0, "10^3/uL", False)]
+    assert values("continue apixaban while plt >50 K", questions["platelets_min"]) == []  # a threshold
+    assert values("AST (U/L)   38   -   29", questions["ast_max"]) == [(38.0, "U/L", True), (29.0, "U/L", True)]
     assert values("Echo: EF \u226555%", questions["lvef_min"]) == [(55.0, "%", True)]
     assert values("Cr 1.2, Hgb 9.8", questions["creatinine_max"]) == [(1.2, "mg/dL", False)]  # not Hgb's 9.8
     assert values("Cr on 3/4 was normal", questions["creatinine_max"]) == []  # a date is not a value
