@@ -44,6 +44,7 @@ def null_job(tmp: Path, output: str = "out") -> Path:
     spec["input"].update(uri=str(tmp / "notes.parquet"), limit=None)
     spec["output"]["uri"] = str(tmp / output)
     spec["model"] = {"backend": "null", "name": "null"}
+    spec["extraction"] = {"mode": "model"}  # every pair through the model stage, as a model-backed run
     spec["batching"] = {"notes_per_shard": 25, "notes_per_batch": 25}
     path = tmp / f"job-{output}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -97,6 +98,7 @@ def test_killed_runs_resume_to_exactly_once(tmp_path):
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))  # land anywhere: between commits, inside a write, in the next batch
         if process.poll() is not None:
+            ended = process.stdout.read()[-3000:]
             break
         kill_run(process)
         partial = committed_answers(out)
@@ -106,7 +108,7 @@ def test_killed_runs_resume_to_exactly_once(tmp_path):
             keys = pc.binary_join_element_wise(partial["note_id"], partial["question_id"], "|")
             assert len(pc.unique(keys)) == partial.num_rows
     print(f"committed rows after each kill: {progress}")
-    assert len(progress) == KILLS and 0 < progress[0] < NOTES * 23, "the kills landed while the run was committing"
+    assert len(progress) == KILLS and 0 < progress[0] < NOTES * 23, f"the kills landed while the run was committing: {locals().get('ended')}"
     final = subprocess.run([sys.executable, "-m", "engine", "run", str(job)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
     answers = committed_answers(out)
