@@ -184,15 +184,10 @@ class OutputStore:
 
 
 def read_answers(uri: str, storage_options: dict | None = None) -> pa.Table:
-    """All committed answers under an output folder (or an answers/ folder itself)."""
-    fs, root = filesystem(uri, storage_options)
-    folder = root if root.rstrip("/").endswith(ANSWERS) else join(fs, root, ANSWERS)
-    try:
-        files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
-    except FileNotFoundError:
-        raise OutputError(f"no answers under {uri}: expected {folder}/*.parquet written by `engine run`") from None
-    if not files:
-        raise OutputError(f"no answers under {uri}: {folder} has no .parquet files")
+    """All committed answers under an output folder (or an answers/ folder itself), in memory."""
+    from engine.answers_db import answer_files
+
+    fs, files = answer_files(uri, storage_options)
     tables = []
     for path in files:
         with fs.open(path, "rb") as handle:
