@@ -134,7 +134,7 @@ def head():
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp_dir)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # measured 7-30 s; minutes when the machine is loaded
         while True:  # the job API answers once the dashboard and its job module are up
             try:
                 status, _ = http(f"{url}/api/jobs/", token, timeout=3)
