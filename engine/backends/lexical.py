@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from engine.backends.base import Backend, Generation, Request
 from engine.plan import Plan
-from engine.stages.candidates import assess_note
+from engine.stages.candidates import NO_CUES_ERROR, assess_note
 
 
 class LexicalBackend(Backend):
@@ -28,7 +28,7 @@ class LexicalBackend(Backend):
             text = requests[indices[0]].note_text
             verdicts = assess_note(text, [requests[i].question for i in indices], self.plan)
             for i, verdict in zip(indices, verdicts):
-                error = None if verdict.output is not None else f"question {requests[i].question.id} has no cues; add cues: to it in the job"
+                error = None if verdict.output is not None else NO_CUES_ERROR
                 results[i] = Generation(text=verdict.output, error=error)
         return results
 

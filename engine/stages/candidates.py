@@ -34,6 +34,7 @@ CANDIDATE_COLUMNS = {
     "cue_hint": pa.string(),
 }
 WINDOW_SEPARATOR = "\n[...]\n"
+NO_CUES_ERROR = "no cues for this question in the job, so the cues alone cannot answer it; add cues: to it or use extraction mode hybrid"
 HINT_MENTIONS = 6
 
 
@@ -79,6 +80,7 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     return _append(batch, verdicts)
 
 
+_NO_SENTENCE = Context(frozenset(), 0, 0, None)  # quote_around then keeps to the line
 NOT_ASKED = Assessment(None)  # a row whose note failed (empty, duplicate, ...): an error row, asked of nobody
 
 
@@ -183,7 +185,9 @@ def numeric_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evide
         unit = value.unit
     else:
         unit = spec.unit if spec.minimum <= value.number <= spec.maximum else _guessed_unit(value, spec)
-    evidence = quote_around(text, mention.match.start, value.end, mention.context, evidence_chars)
+    same_line = text.find("\n", mention.match.start, value.start) < 0
+    anchor = mention.match.start if same_line else value.start  # a column under a table header: quote the value's row
+    evidence = quote_around(text, anchor, value.end, mention.context if same_line else _NO_SENTENCE, evidence_chars)
     return json.dumps({"evidence": evidence, "value": _as_written(value.number), "unit": unit}), not guessed
 
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from engine.backends import Request, load_backend
 from engine.job import JobSpec
 from engine.plan import make_plan
+from engine.stages.candidates import NO_CUES_ERROR
 
 GENERATION_COLUMNS = {
     "raw_output": pa.string(),
@@ -22,9 +23,6 @@ GENERATION_COLUMNS = {
     "generation_error": pa.string(),
     "model": pa.string(),
 }
-
-
-NO_CUES_ERROR = "extraction mode lexical: this question has no cues in the job; add cues: to it or use mode hybrid"
 
 
 def _texts(text: pa.Array):

@@ -96,3 +96,11 @@ def test_windows_merge_overlaps():
     context = Context(frozenset(), 0, 0, None)
     mentions = [Mention(Match(10, 12), context, True), Mention(Match(14, 16), context, True)]
     assert windows("0123456789abcdefghij", mentions, 3) == "789abcdefghi"
+
+
+def test_a_value_from_a_table_column_is_quoted_from_its_own_row(apixaban_job):
+    table = "Labs:\n| Date | Plt (K/uL) | Cr (mg/dL) |\n|---|---|---|\n| HD1 | 142 | 1.1 |\n| HD3 | 95 | 2.8 |\n"
+    found = verdicts(apixaban_job, table, mode="lexical")
+    answer = json.loads(found["platelets_min"].output)
+    assert answer["value"] == "95" and answer["evidence"] == "| HD3 | 95 | 2.8 |"
+    assert json.loads(found["creatinine_max"].output)["value"] == "2.8"
