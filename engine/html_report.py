@@ -363,7 +363,7 @@ def grounding_section(report: dict | None, answers) -> str:
     from engine.answers_db import answer_totals
 
     counts = dict((report or {}).get("grounding") or {})
-    if not counts and answers is not None and "grounding" in answers.schema.names:
+    if report is None and answers is not None and "grounding" in answers.schema.names:  # a report already counted them
         counts = answer_totals(answers)["grounding"]
     if not counts:
         return ""
