@@ -23,9 +23,17 @@ def candidate_rows(job: JobSpec, limit: int | None = None) -> pa.Table:
     """Every (note, question) of the job's input after the candidate stage (route, cue answer, flags, text)."""
     plan = make_plan(job)
     inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
-    tables = [find_candidates(expand_questions(read_shards(job.input, [shard], inputs.schema), plan.question_ids), plan)
+    tables = [_decoded(find_candidates(expand_questions(read_shards(job.input, [shard], inputs.schema), plan.question_ids), plan))
               for shard in inputs.shards]
     return pa.concat_tables(tables)
+
+
+def _decoded(rows: pa.Table) -> pa.Table:
+    """Plain strings for the id columns (each shard has its own dictionaries, which joins cannot unify)."""
+    for i, field in enumerate(rows.schema):
+        if pa.types.is_dictionary(field.type) and field.name != "text":
+            rows = rows.set_column(i, field.name, rows[field.name].cast(field.type.value_type))
+    return rows
 
 
 def lexical_answers(job: JobSpec, limit: int | None = None) -> pa.Table:

@@ -65,7 +65,13 @@ def test_other_columns_are_repeated_per_question_with_their_types():
     for name in source.column_names:
         if name == "text":
             continue
-        assert out.schema.field(name).type == source.schema.field(name).type, name
+        field = source.schema.field(name)
+        if pa.types.is_string(field.type):  # once per distinct value, a 4-byte index per row
+            column = out[name].combine_chunks()
+            assert column.type == pa.dictionary(pa.int32(), pa.string()), name
+            assert len(column.dictionary) == len(set(v for v in source[name].to_pylist() if v is not None)), name
+        else:
+            assert out.schema.field(name).type == field.type, name
         assert out[name].to_pylist() == [v for v in source[name].to_pylist() for _ in QUESTIONS], name
     # nulls stay null, in the right rows
     assert out["charttime"].to_pylist()[3:6] == [None, None, None]
@@ -86,3 +92,13 @@ def test_one_question_and_no_notes():
     assert one["note_id"].to_pylist() == ["n0", "n1", "n2"] and one["question_id"].to_pylist() == ["diabetes"] * 3
     empty = expand_questions(notes(4).slice(0, 0), QUESTIONS)
     assert empty.num_rows == 0 and "question_id" in empty.column_names
+
+
+def test_a_slice_carries_only_its_own_notes_text():
+    """Each model batch is a slice of a row group: its text dictionary must not be the whole group's."""
+    group = notes(20)
+    out = expand_questions(group.slice(10, 5), QUESTIONS)
+    text = out["text"].combine_chunks()
+    assert text.dictionary.to_pylist() == group["text"].to_pylist()[10:15]
+    assert text.dictionary.offset == 0 and text.dictionary.buffers()[2].size == sum(len(t) for t in group["text"].to_pylist()[10:15])
+    assert out["patient_id"].combine_chunks().dictionary.to_pylist() == ["p0", "p1"]
