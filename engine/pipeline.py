@@ -51,22 +51,23 @@ def _plan(job_json: str) -> Plan:
 
 
 # --- stages as Ray Data UDFs (each a thin wrapper over a pure function) ---------------------------------------
-def read_stage(batch: pa.Table, job_json: str, schema: pa.Schema) -> pa.Table:
-    job = _plan(job_json).job
-    tables = [read_shards(job.input, [Shard(**s) for s in json.loads(item)], schema) for item in batch["shards"].to_pylist()]
-    return pa.concat_tables(tables)
+def notes_stage(batch: pa.Table, job_json: str, schema: pa.Schema):
+    """read -> expand -> candidates, one model batch of notes at a time.
 
-
-def expand_stage(batch: pa.Table, job_json: str) -> pa.Table:
-    return expand_questions(batch, _plan(job_json).question_ids)
-
-
-def candidates_stage(batch: pa.Table, job_json: str) -> pa.Table:
-    """Cue mentions and routes; its busy time goes into the run's processing seconds (and so into the cost)."""
-    started = time.perf_counter()
-    batch = find_candidates(batch, _plan(job_json))
-    share = (time.perf_counter() - started) / max(batch.num_rows, 1)
-    return batch.append_column("cue_seconds", pa.array(np.full(batch.num_rows, share)))
+    A row group is read once, then expanded and searched for cues in slices of `notes_per_batch` notes, each
+    yielded as its own block: a block then carries only its own notes' text (a 50,000-note row group expanded
+    at once made 1.15M-row blocks whose slices each held the whole group's text), and a task's memory stays
+    bounded by one slice. The cue search's busy time goes into the run's processing seconds (and so the cost).
+    """
+    plan = _plan(job_json)
+    step = plan.job.batching.notes_per_batch
+    for item in batch["shards"].to_pylist():
+        notes = read_shards(plan.job.input, [Shard(**s) for s in json.loads(item)], schema)
+        for start in range(0, notes.num_rows, step):
+            started = time.perf_counter()
+            rows = find_candidates(expand_questions(notes.slice(start, step), plan.question_ids), plan)
+            share = (time.perf_counter() - started) / max(rows.num_rows, 1)
+            yield rows.append_column("cue_seconds", pa.array(np.full(rows.num_rows, share)))
 
 
 def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:
@@ -97,7 +98,19 @@ class GenerateOnOwnNotes(GenerateAnswers):
         return super().__call__(compact_text(batch))
 
 
-def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
+SECONDS_COLUMNS = ("batch_seconds", "cue_seconds")  # busy time of the model and cue stages, summed by the driver
+
+
+def answer_stage(batch: pa.Table, schema: pa.Schema, fingerprint: str) -> pa.Table:
+    """The answers/ rows, built in the workers: the driver only counts, collects and commits."""
+    seconds = [batch[name] for name in SECONDS_COLUMNS]
+    answers = to_answer_table(batch, schema, fingerprint)
+    for name, column in zip(SECONDS_COLUMNS, seconds):
+        answers = answers.append_column(name, column)
+    return answers
+
+
+def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema):
     """The Ray Data graph. Shards of one row group are read together; a note's questions stay in one batch."""
     import ray.data
 
@@ -111,9 +124,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
     batching = job.batching
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow")
-        .map_batches(expand_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
-        .map_batches(candidates_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
+        .map_batches(notes_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow")
         .map_batches(
             GenerateOnOwnNotes,
             fn_constructor_kwargs={"job": job.model_dump(mode="json")},
@@ -127,6 +138,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard]):
         )
         .map_batches(parse_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
         .map_batches(ground_evidence, batch_size=None, batch_format="pyarrow")
+        .map_batches(answer_stage, fn_kwargs={"schema": schema, "fingerprint": job.fingerprint()}, batch_size=None, batch_format="pyarrow")
     )
 
 
@@ -174,11 +186,10 @@ def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
 def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     n_questions = len(job.questions)
     schema = answer_schema(job, inputs.schema)
-    fingerprint = job.fingerprint()
     collector = ShardCollector({s.shard_id: s.num_rows * n_questions for s in pending})
-    dataset = build_dataset(job, inputs, pending)
+    dataset = build_dataset(job, inputs, pending, schema)
     with ShardWriter(store, stats, n_questions) as writer:
-        _consume(dataset, job, schema, fingerprint, collector, writer, stats, progress)
+        _consume(dataset, job, collector, writer, stats, progress)
     if collector.incomplete:
         raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")
 
@@ -214,14 +225,13 @@ class ShardWriter:
             self.pool.shutdown(wait=True)
 
 
-def _consume(dataset, job, schema, fingerprint, collector, writer, stats, progress) -> None:
+def _consume(dataset, job, collector, writer, stats, progress) -> None:
     n_questions = len(job.questions)
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         if stats.first_result is None:
             stats.first_result = time.time()
-        stats.engine_seconds += float(pc.sum(batch["batch_seconds"]).as_py() or 0.0)
-        stats.engine_seconds += float(pc.sum(batch["cue_seconds"]).as_py() or 0.0)
-        answers = to_answer_table(batch, schema, fingerprint)
+        stats.engine_seconds += sum(float(pc.sum(batch[name]).as_py() or 0.0) for name in SECONDS_COLUMNS)
+        answers = batch.drop_columns(list(SECONDS_COLUMNS))
         stats.pairs_processed += answers.num_rows
         stats.patients_processed.update(answers["patient_id"].unique().to_pylist())
         if progress is not None:
