@@ -1,6 +1,7 @@
 """Bounded memory at scale (run on demand): 100k and 1M generated notes through the whole engine pipeline with
 the null backend, and bare Ray Data doing only read -> 23 rows per note -> null answer -> write on the same
-extract. Prints wall time, rows/s, peak system memory and the engine/bare ratio.
+extract. Prints wall time, rows/s, peak system memory and the engine/bare ratio; then the real engine (the shipped
+hybrid job with the embedded CPU model) on 1,000 of the same notes.
 
     .venv/bin/python benchmarks/scale.py --notes 100000 1000000
 """
@@ -81,6 +82,22 @@ def bare_ray_data(extract: Path, out: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
 
 
+def real_engine_run(extract: Path, out: Path) -> int:
+    """The shipped job as it is (hybrid, the embedded CPU model) on the same generated notes."""
+    from engine.job import load_job
+    from engine.pipeline import run_job
+
+    job = load_job(ROOT / "jobs" / "apixaban.yaml")
+    job = job.model_copy(update={
+        "input": job.input.model_copy(update={"uri": str(extract), "limit": None}),
+        "output": job.output.model_copy(update={"uri": str(out)}),
+    })
+    report, _ = run_job(job, overwrite=True)
+    print(f"real engine: {report['rows']:,} rows, model calls saved {report.get('model_calls_saved')}, "
+          f"routes {report.get('rows_by_route')}")
+    return report["rows"]
+
+
 def engine_run(extract: Path, out: Path) -> int:
     from engine.job import load_job
     from engine.pipeline import run_job
@@ -101,6 +118,7 @@ def engine_run(extract: Path, out: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--notes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--real-notes", type=int, default=1_000, help="notes for the real engine (0: skip it)")
     args = parser.parse_args()
     from engine.runtime import ensure_ray
 
@@ -120,6 +138,14 @@ def main() -> None:
                 rows.append((notes, name, written, wall, memory.peak / 2**30, (memory.peak - memory.start) / 2**30))
                 shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(extract, ignore_errors=True)
+        if args.real_notes:
+            extract, out = scratch / f"extract-{args.real_notes}", scratch / "out-real"
+            write_extract(extract, args.real_notes)
+            with PeakMemory() as memory:
+                started = time.perf_counter()
+                written = real_engine_run(extract, out)
+                wall = time.perf_counter() - started
+            rows.append((args.real_notes, "real engine (hybrid)", written, wall, memory.peak / 2**30, (memory.peak - memory.start) / 2**30))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n{'notes':>9} {'run':22} {'rows':>11} {'wall s':>8} {'rows/s':>11} {'peak GiB':>9} {'+GiB':>6} {'engine/bare':>12}")
