@@ -59,6 +59,7 @@ class BatchingSpec(Strict):
     notes_per_shard: int = Field(256, ge=1, description="Notes per committed output unit; a crashed run resumes from the last committed shard.")
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per model actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; 0 on CPU machines. Set to tensor_parallel_size on GPUs.")
+    read_tasks: int | None = Field(None, ge=1, description="Read and cue-search tasks at once (each holds one Parquet row group while its notes stream to the model); default actors + 1. More only helps when the model waits for notes.")
 
 
 class PricingSpec(Strict):

@@ -3,6 +3,8 @@
 Layout under the output URI:
   _engine.json            manifest: job name and fingerprint, input files, limit (a different job is refused)
   answers/<shard>.parquet one file per committed shard: every (note, question) of that shard exactly once
+  _staging/<shard>/*.arrow parts written by the workers as batches finish; merged into answers/<shard>.parquet when
+                          the shard is complete, then removed (a run that stops leaves them; the next one removes them)
   patients/patients.parquet, report.json, report.html
 """
 
@@ -27,7 +29,8 @@ from engine.storage import describe_error, filesystem, is_remote, join, require_
 MANIFEST = "_engine.json"
 ANSWERS = "answers"
 PATIENTS = "patients"
-ENGINE_OWNED = (ANSWERS, PATIENTS, "report.json", "report.html", "eval.md", "eval.parquet", MANIFEST)
+STAGING = "_staging"
+ENGINE_OWNED = (ANSWERS, STAGING, PATIENTS, "report.json", "report.html", "eval.md", "eval.parquet", MANIFEST)
 
 ANSWER_COLUMNS: dict[str, pa.DataType] = {
     "patient_id": pa.string(),
@@ -138,7 +141,14 @@ class OutputStore:
     def _has_answers(self) -> bool:
         return bool(self.committed_shards())
 
+    def remove_staging(self) -> None:
+        staging = join(self.fs, self.root, STAGING)
+        if self.fs.exists(staging):
+            self.fs.rm(staging, recursive=True)
+
     def _remove_partial_files(self) -> None:
+        """What a stopped run left: parts of shards it never committed, and half-written files."""
+        self.remove_staging()
         if self.fs.exists(self.answers_dir):
             for path in self.fs.ls(self.answers_dir, detail=False):
                 if path.rsplit("/", 1)[-1].startswith(".tmp-"):
@@ -146,9 +156,48 @@ class OutputStore:
 
     # --- writes --------------------------------------------------------------------------------------------
     def commit_shard(self, shard_id: str, table: pa.Table) -> None:
-        """Write one shard's answers so that it is either wholly there or absent (rename; an S3 PUT is atomic)."""
-        table = table.sort_by([("row_number", "ascending"), ("question_id", "ascending")])
+        """Write one shard's answers so that it is either wholly there or absent (rename; an S3 PUT is atomic).
+
+        Rows in input order; a note's rows keep the order they came in (the job's question order): a stable sort
+        on the row number alone, three times cheaper than also sorting the question ids."""
+        table = table.take(pc.sort_indices(table["row_number"]))
         self.write_table(join(self.fs, ANSWERS, f"{shard_id}.parquet"), table)
+
+    def stage_part(self, shard_id: str, part: pa.Table) -> str:
+        """Write rows of one shard as a part (Arrow IPC, lz4) under _staging/<shard>/, from the worker that made
+        them; return its path. Only a committed answers/ file counts: a part is merged only once the driver has
+        heard of it, so the parts of a task that failed and was retried are never read."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, part.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+            writer.write_table(part)
+        folder = join(self.fs, self.root, STAGING, shard_id)
+        path = join(self.fs, folder, f"{uuid.uuid4().hex}.arrow")
+        if not is_remote(self.fs):
+            self.fs.makedirs(folder, exist_ok=True)
+        self.fs.pipe_file(path, sink.getvalue().to_pybytes())
+        return path
+
+    def commit_staged(self, shard_id: str, paths: list[str]) -> None:
+        """Merge a complete shard's parts into answers/<shard>.parquet (atomically), then remove them. Safe to run
+        again after a stop anywhere in it: a shard already committed only has its leftover parts removed."""
+        if not self.fs.exists(join(self.fs, self.answers_dir, f"{shard_id}.parquet")):
+            tables = []
+            for path in paths:
+                try:
+                    data = self.fs.cat_file(path)
+                except FileNotFoundError:
+                    raise OutputError(
+                        f"output {self.uri}: staged part {path} of shard {shard_id} is not where a worker wrote it. On "
+                        "a cluster of several nodes the output must be shared by all of them (s3://... or one shared "
+                        "filesystem mounted at the same path); re-run to resume") from None
+                tables.append(pa.ipc.open_file(pa.py_buffer(data)).read_all())
+            self.commit_shard(shard_id, pa.concat_tables(tables))
+        for path in paths:  # after the commit: a stop in between leaves only parts, which the next run removes
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        folder = join(self.fs, self.root, STAGING, shard_id)
+        if not is_remote(self.fs) and self.fs.exists(folder) and not self.fs.ls(folder):
+            self.fs.rmdir(folder)
 
     def write_table(self, relative: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
@@ -207,25 +256,25 @@ def _check_same_job(uri: str, existing: dict, manifest: dict) -> None:
 
 
 class ShardCollector:
-    """Gathers a shard's rows as they stream back (in any order); hands back each shard once it is complete."""
+    """Counts a shard's staged parts as they are reported (in any order); hands back each shard's part paths once
+    all its rows are staged."""
 
     def __init__(self, expected_rows: dict[str, int]):
         self.expected = dict(expected_rows)
-        self.parts: dict[str, list[pa.Table]] = {}
+        self.parts: dict[str, list[str]] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, batch: pa.Table) -> list[tuple[str, pa.Table]]:
-        done = []
-        shard_ids = batch["shard_id"]
-        for shard_id in pc.unique(shard_ids).to_pylist():
-            part = batch.filter(pc.equal(shard_ids, shard_id))
-            self.parts.setdefault(shard_id, []).append(part)
-            self.counts[shard_id] = self.counts.get(shard_id, 0) + part.num_rows
-            if self.counts[shard_id] == self.expected[shard_id]:
-                done.append((shard_id, pa.concat_tables(self.parts.pop(shard_id))))
-            elif self.counts[shard_id] > self.expected[shard_id]:
-                raise RuntimeError(f"shard {shard_id} produced more rows than expected: a pipeline bug")
-        return done
+    def add(self, shard_id: str, path: str, rows: int) -> list[str] | None:
+        """Record one part; return the shard's paths when it is complete."""
+        if shard_id not in self.expected:
+            raise RuntimeError(f"a part of shard {shard_id}, which this run does not process: a pipeline bug")
+        self.parts.setdefault(shard_id, []).append(path)
+        self.counts[shard_id] = self.counts.get(shard_id, 0) + rows
+        if self.counts[shard_id] > self.expected[shard_id]:
+            raise RuntimeError(f"shard {shard_id} produced more rows than expected: a pipeline bug")
+        if self.counts[shard_id] == self.expected[shard_id]:
+            return self.parts.pop(shard_id)
+        return None
 
     @property
     def incomplete(self) -> list[str]:

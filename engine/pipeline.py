@@ -68,10 +68,8 @@ def notes_stage(batch: pa.Table, job_json: str, schema: pa.Schema):
             rows = find_candidates(expand_questions(notes.slice(start, step), plan.question_ids), plan)
             share = (time.perf_counter() - started) / max(rows.num_rows, 1)
             yield rows.append_column("cue_seconds", pa.array(np.full(rows.num_rows, share)))
-
-
-def parse_stage(batch: pa.Table, job_json: str) -> pa.Table:
-    return parse_answers(batch, _plan(job_json))
+        del notes
+        pa.default_memory_pool().release_unused()  # an idle worker would keep the row group's pages otherwise
 
 
 def compact_text(batch: pa.Table) -> pa.Table:
@@ -91,23 +89,47 @@ def compact_text(batch: pa.Table) -> pa.Table:
     return batch.set_column(batch.schema.get_field_index("text"), "text", own)
 
 
-class GenerateOnOwnNotes(GenerateAnswers):
-    """The model stage, fed batches whose note text holds only their own notes (compact_text)."""
+PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
+                         ("patients", pa.list_(pa.string())), ("statuses", pa.string())])
+
+
+class AnswerBatches(GenerateAnswers):
+    """The model actor: a batch of (note, question) rows -> generate -> parse -> ground -> answers/ rows, staged as
+    parts in the output by this actor.
+
+    Parsing and grounding cost about a microsecond a row against milliseconds of generation, and doing them here
+    means the answers never travel back through the object store: the driver receives one small row per (batch,
+    shard) (where the part is, its rows, busy seconds, patients, status counts), so it stays light however large
+    the extract, and on a cluster no answer crosses to the head node.
+    """
+
+    def __init__(self, job: dict, schema: pa.Schema, fingerprint: str):
+        super().__init__(job)
+        self.schema, self.fingerprint = schema, fingerprint
+        self.store = OutputStore(self.plan.job.output.uri, self.plan.job.output.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return super().__call__(compact_text(batch))
+        started = time.perf_counter()
+        cue_seconds = batch["cue_seconds"]
+        answered = ground_evidence(parse_answers(super().__call__(compact_text(batch)), self.plan))
+        return stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started)
 
 
-SECONDS_COLUMNS = ("batch_seconds", "cue_seconds")  # busy time of the model and cue stages, summed by the driver
-
-
-def answer_stage(batch: pa.Table, schema: pa.Schema, fingerprint: str) -> pa.Table:
-    """The answers/ rows, built in the workers: the driver only counts, collects and commits."""
-    seconds = [batch[name] for name in SECONDS_COLUMNS]
-    answers = to_answer_table(batch, schema, fingerprint)
-    for name, column in zip(SECONDS_COLUMNS, seconds):
-        answers = answers.append_column(name, column)
-    return answers
+def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float) -> pa.Table:
+    """Stage each shard's rows of a batch as a part; one PART_SCHEMA row per part. A part's busy seconds are its
+    rows' share of the actor's time on the batch (start to staged) plus its rows' cue-search time."""
+    shard_ids = answers["shard_id"]
+    parts = []
+    for shard_id in pc.unique(shard_ids).to_pylist():
+        mask = pc.equal(shard_ids, shard_id)
+        part = answers.filter(mask)
+        parts.append((shard_id, store.stage_part(shard_id, part), part, float(pc.sum(cue_seconds.filter(mask)).as_py() or 0.0)))
+    share = (time.perf_counter() - started) / max(answers.num_rows, 1)
+    return pa.Table.from_pylist([
+        {"shard_id": shard_id, "path": path, "rows": part.num_rows, "seconds": cues + share * part.num_rows,
+         "patients": pc.unique(part["patient_id"]).to_pylist(),
+         "statuses": json.dumps({r["values"]: r["counts"] for r in pc.value_counts(part["status"]).to_pylist()})}
+        for shard_id, path, part, cues in parts], schema=PART_SCHEMA)
 
 
 def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema):
@@ -124,10 +146,11 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
     batching = job.batching
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(notes_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow")
+        .map_batches(notes_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow",
+                     concurrency=min(batching.read_tasks or batching.actors + 1, len(items)))
         .map_batches(
-            GenerateOnOwnNotes,
-            fn_constructor_kwargs={"job": job.model_dump(mode="json")},
+            AnswerBatches,
+            fn_constructor_kwargs={"job": job.model_dump(mode="json"), "schema": schema, "fingerprint": job.fingerprint()},
             compute=ray.data.ActorPoolStrategy(size=batching.actors),
             batch_size=batching.notes_per_batch * n_questions,
             num_cpus=batching.cpus_per_actor,
@@ -136,9 +159,6 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
             max_restarts=ACTOR_RESTARTS,
             max_task_retries=ACTOR_RESTARTS,
         )
-        .map_batches(parse_stage, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="pyarrow")
-        .map_batches(ground_evidence, batch_size=None, batch_format="pyarrow")
-        .map_batches(answer_stage, fn_kwargs={"schema": schema, "fingerprint": job.fingerprint()}, batch_size=None, batch_format="pyarrow")
     )
 
 
@@ -188,53 +208,75 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     schema = answer_schema(job, inputs.schema)
     collector = ShardCollector({s.shard_id: s.num_rows * n_questions for s in pending})
     dataset = build_dataset(job, inputs, pending, schema)
-    with ShardWriter(store, stats, n_questions) as writer:
-        _consume(dataset, job, collector, writer, stats, progress)
+    with ShardCommitter(job.output, stats, n_questions) as committer:
+        _consume(dataset, job, collector, committer, stats, progress)
+    store.remove_staging()
     if collector.incomplete:
         raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")
 
 
-class ShardWriter:
-    """Commits complete shards on one background thread (sorting and Parquet encoding release the GIL), so the
-    driver keeps pulling batches; at most one shard waits while the next is written."""
+@lru_cache(maxsize=4)
+def _store(uri: str, storage_options_json: str) -> OutputStore:
+    return OutputStore(uri, json.loads(storage_options_json))
 
-    def __init__(self, store, stats, n_questions: int):
-        from concurrent.futures import ThreadPoolExecutor
 
-        self.store, self.stats, self.n_questions = store, stats, n_questions
-        self.pool, self.last = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit"), None
+def commit_task(uri: str, storage_options_json: str, shard_id: str, paths: list[str]) -> None:
+    _store(uri, storage_options_json).commit_staged(shard_id, paths)
+    pa.default_memory_pool().release_unused()
 
-    def submit(self, shard_id: str, table: pa.Table) -> None:
-        if self.last is not None:
-            self.last.result()  # raises the previous commit's error here
-        self.last = self.pool.submit(self._commit, shard_id, table)
 
-    def _commit(self, shard_id: str, table: pa.Table) -> None:
-        self.store.commit_shard(shard_id, table)
-        self.stats.shards_committed += 1
-        self.stats.notes_processed += table.num_rows // self.n_questions
+class ShardCommitter:
+    """Commits complete shards as Ray tasks (merge the staged parts, sort, write answers/<shard>.parquet), so the
+    driver never holds answers; a few commits run at once, and the driver waits only when that many are busy."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, output, stats, n_questions: int):
+        import ray
+
+        self.task = ray.remote(commit_task).options(num_cpus=1, max_retries=ACTOR_RESTARTS, retry_exceptions=False)
+        self.args = (output.uri, json.dumps(output.storage_options))
+        self.stats, self.n_questions = stats, n_questions
+        self.running: dict = {}  # object ref -> rows of the shard
+
+    def submit(self, shard_id: str, paths: list[str], rows: int) -> None:
+        while len(self.running) >= self.IN_FLIGHT:
+            self._finish(timeout=None)
+        self.running[self.task.remote(*self.args, shard_id, paths)] = rows
+
+    def _finish(self, timeout) -> None:
+        import ray
+
+        done, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        for ref in done:
+            rows = self.running.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the task's own error (an OutputError says what to do)
+                raise exc.cause from None
+            self.stats.shards_committed += 1
+            self.stats.notes_processed += rows // self.n_questions
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        try:
-            if self.last is not None and exc[0] is None:
-                self.last.result()
-        finally:
-            self.pool.shutdown(wait=True)
+        if exc[0] is None:
+            while self.running:
+                self._finish(timeout=None)
 
 
-def _consume(dataset, job, collector, writer, stats, progress) -> None:
+def _consume(dataset, job, collector, committer, stats, progress) -> None:
     n_questions = len(job.questions)
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         if stats.first_result is None:
             stats.first_result = time.time()
-        stats.engine_seconds += sum(float(pc.sum(batch[name]).as_py() or 0.0) for name in SECONDS_COLUMNS)
-        answers = batch.drop_columns(list(SECONDS_COLUMNS))
-        stats.pairs_processed += answers.num_rows
-        stats.patients_processed.update(answers["patient_id"].unique().to_pylist())
-        if progress is not None:
-            progress.advance(answers.num_rows / n_questions, answers)
-        for shard_id, table in collector.add(answers):
-            writer.submit(shard_id, table)
+        for part in batch.to_pylist():
+            stats.engine_seconds += part["seconds"]
+            stats.pairs_processed += part["rows"]
+            stats.patients_processed.update(part["patients"])
+            if progress is not None:
+                progress.advance(part["rows"] / n_questions, part["rows"], json.loads(part["statuses"]))
+            paths = collector.add(part["shard_id"], part["path"], part["rows"])
+            if paths is not None:
+                committer.submit(part["shard_id"], paths, collector.expected[part["shard_id"]])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -34,12 +32,12 @@ class RunProgress:
         self.progress.start()
         self.task = self.progress.add_task("notes", total=total_notes, completed=done_notes, rate="", status="starting (Ray, model)...")
 
-    def advance(self, notes: float, table: pa.Table) -> None:
-        """Called for every batch that comes back (a shard is committed when all its batches are in)."""
+    def advance(self, notes: float, pairs: int, statuses: dict[str, int]) -> None:
+        """Called for every batch part that is staged (a shard is committed when all its parts are in)."""
         self.done += notes
-        self.pairs += table.num_rows
-        for row in pc.value_counts(table["status"]).to_pylist():
-            self.counts[row["values"]] = self.counts.get(row["values"], 0) + row["counts"]
+        self.pairs += pairs
+        for status, count in statuses.items():
+            self.counts[status] = self.counts.get(status, 0) + count
         elapsed = max(time.time() - self.started, 1e-9)
         status = " ".join(f"{k}={v}" for k, v in self.counts.items())
         self.progress.update(self.task, advance=notes, rate=f"{self.pairs / elapsed:.1f} pairs/s", status=status)

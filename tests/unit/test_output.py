@@ -62,7 +62,8 @@ def test_commit_is_atomic_sorted_and_listed(store, inputs, tmp_path):
     written = pq.read_table(tmp_path / "out" / ANSWERS / "s1.parquet")
     assert written.num_rows == 4
     assert written["row_number"].to_pylist() == [0, 0, 1, 1]
-    assert written["question_id"].to_pylist() == ["atrial_fibrillation", "creatinine_max"] * 2
+    assert written["note_id"].to_pylist() == ["b", "b", "a", "a"]
+    assert written["question_id"].to_pylist() == ["creatinine_max", "atrial_fibrillation"] * 2  # as they came: a stable sort
 
 
 def test_prepare_again_resumes_with_the_committed_shards(store, inputs, tmp_path):
@@ -136,21 +137,53 @@ def test_write_text_and_json_leave_no_scratch_files(store, tmp_path):
 
 def test_collector_returns_a_shard_only_when_all_its_rows_arrived():
     collector = ShardCollector({"s1": 4, "s2": 2, "s3": 2})
-    first = pa.concat_tables([answers("s1", ["a"]), answers("s2", ["c"]).slice(0, 1)])  # s1 half, s2 half
-    assert collector.add(first) == []
+    assert collector.add("s1", "p1", 2) is None
+    assert collector.add("s2", "p2", 1) is None
     assert collector.incomplete == ["s1", "s2"]
-    second = pa.concat_tables([answers("s2", ["c"]).slice(1, 1), answers("s1", ["b"], first_row=1), answers("s3", ["d"])])
-    done = dict(collector.add(second))
-    assert sorted(done) == ["s1", "s2", "s3"]
-    assert done["s1"].num_rows == 4 and set(done["s1"]["note_id"].to_pylist()) == {"a", "b"}
-    assert done["s2"].num_rows == 2 and set(done["s2"]["shard_id"].to_pylist()) == {"s2"}
+    assert collector.add("s2", "p3", 1) == ["p2", "p3"]
+    assert collector.add("s3", "p4", 2) == ["p4"]
+    assert collector.add("s1", "p5", 2) == ["p1", "p5"]
     assert collector.incomplete == []
 
 
-def test_collector_refuses_more_rows_than_expected():
+def test_collector_refuses_more_rows_than_expected_and_unknown_shards():
     collector = ShardCollector({"s1": 1})
     with pytest.raises(RuntimeError, match="more rows than expected"):
-        collector.add(answers("s1", ["a"]))
+        collector.add("s1", "p1", 2)
+    with pytest.raises(RuntimeError, match="does not process"):
+        collector.add("s9", "p2", 1)
+
+
+def test_staged_parts_merge_into_one_sorted_shard_and_leave_nothing(store, inputs, tmp_path):
+    store.prepare(JOB, inputs, None, False)
+    rows = answers("s1", ["a", "b", "c"])
+    later, earlier = rows.slice(2), rows.slice(0, 2)  # parts arrive in any order
+    paths = [store.stage_part("s1", later), store.stage_part("s1", earlier)]
+    assert all(Path(p).exists() for p in paths) and not (tmp_path / "out" / ANSWERS / "s1.parquet").exists()
+    store.commit_staged("s1", paths)
+    table = pq.read_table(tmp_path / "out" / ANSWERS / "s1.parquet")
+    assert table.num_rows == 6 and table["row_number"].to_pylist() == [0, 0, 1, 1, 2, 2]
+    assert table["note_id"].to_pylist() == ["a", "a", "b", "b", "c", "c"]
+    assert files_under(tmp_path / "out") == [MANIFEST, "s1.parquet"]
+    store.commit_staged("s1", paths)  # a retried commit of a committed shard changes nothing
+    assert pq.read_table(tmp_path / "out" / ANSWERS / "s1.parquet").equals(table)
+
+
+def test_a_part_the_commit_cannot_find_is_a_clear_error(store, inputs, tmp_path):
+    store.prepare(JOB, inputs, None, False)
+    path = store.stage_part("s1", answers("s1", ["a"]))
+    Path(path).unlink()
+    with pytest.raises(OutputError, match="shared by all of them"):
+        store.commit_staged("s1", [path])
+    assert not (tmp_path / "out" / ANSWERS / "s1.parquet").exists()
+
+
+def test_parts_of_a_stopped_run_are_removed_when_it_resumes(store, inputs, tmp_path):
+    store.prepare(JOB, inputs, None, False)
+    store.commit_shard("s1", answers("s1", ["a"]))
+    store.stage_part("s2", answers("s2", ["b"]))  # s2 never completed
+    assert store.prepare(JOB, inputs, None, False) == {"s1"}
+    assert files_under(tmp_path / "out") == [MANIFEST, "s1.parquet"]
 
 
 # --- answers schema and reading back -----------------------------------------------------------------------
