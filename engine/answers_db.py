@@ -64,9 +64,9 @@ def query_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = 
 UNPARSED_ERRORS = "does not match the answer schema|reached model.max_tokens|returned no output"
 
 def _distinct(column: str, where: str = "TRUE") -> str:
-    """Distinct values of a column among rows where `where` holds, a missing id (NULL) counting as one value."""
-    return (f"(count(DISTINCT {column}) FILTER (WHERE {where}) "
-            f"+ coalesce(max(({column} IS NULL)::INT) FILTER (WHERE {where}), 0))")
+    """Distinct values of a column among rows where `where` holds, a missing id (NULL) counting as one value: a
+    GROUP BY of its own (one DISTINCT aggregate per query; several in one query ran 3x slower at 23M rows)."""
+    return f"(SELECT count(*) FROM (SELECT {column} FROM answers WHERE {where} GROUP BY 1))"
 
 
 _TOTALS_SQL = f"""
@@ -80,17 +80,28 @@ SELECT count(*) AS rows, {_distinct("note_id")} AS notes, {_distinct("patient_id
                         AND regexp_matches(coalesce(error, ''), '{UNPARSED_ERRORS}')) AS unparsed
 FROM answers"""
 
+# One scan for the four breakdowns; `k` is the value, `g` which breakdown it belongs to.
+_COUNTS_SQL = """
+SELECT CASE WHEN GROUPING(status) = 0 THEN 'status' WHEN GROUPING(error) = 0 THEN 'error'
+            WHEN GROUPING(grounding) = 0 THEN 'grounding' ELSE 'route' END AS g,
+       coalesce(status, error, grounding, route) AS k, count(*) AS n
+FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, grounding, route FROM answers)
+GROUP BY GROUPING SETS ((status), (error), (grounding), (route))
+HAVING k IS NOT NULL
+ORDER BY g, n DESC, k"""
+
 
 def answer_totals(answers: Answers) -> dict:
-    """Counts and token sums over all answer rows, by status, error reason and grounding (one scan each)."""
+    """Counts and token sums over all answer rows, by status, error reason, grounding and route."""
     con = connect(answers)
     totals = query_dicts(con, _TOTALS_SQL)[0]
-    counted = lambda column, where="TRUE": {r["k"]: r["n"] for r in query_dicts(  # noqa: E731
-        con, f"SELECT {column} AS k, count(*) AS n FROM answers WHERE {column} IS NOT NULL AND {where} GROUP BY 1 ORDER BY 2 DESC, 1")}
-    totals["by_status"] = counted("status")
-    totals["errors"] = counted("error", "status = 'error'")
-    totals["grounding"] = counted("grounding")
-    totals["by_route"] = counted("route")
+    counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}}
+    for row in query_dicts(con, _COUNTS_SQL):
+        counted[row["g"]][row["k"]] = row["n"]
+    totals["by_status"] = counted["status"]
+    totals["errors"] = counted["error"]
+    totals["grounding"] = counted["grounding"]
+    totals["by_route"] = counted["route"]
     return totals
 
 

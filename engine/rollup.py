@@ -177,14 +177,14 @@ def _winners_sql() -> str:
     """
     return f"""
 WITH rows AS ({_row_values_sql()}),
-won AS (SELECT patient_id, question_id, arg_max(struct_pack(vb, vn, sv, grounded, note_id, evidence), {_WINNER_KEY}) AS w
+won AS (SELECT patient_id, qidx, arg_max(struct_pack(vb, vn, sv, grounded, note_id, evidence), {_WINNER_KEY}) AS w
         FROM rows WHERE sv IS NOT NULL OR rollup IN ('any', 'all') GROUP BY ALL)
-SELECT p.pidx, q.qidx,
+SELECT p.pidx, won.qidx,
        CASE WHEN w.grounded THEN w.vb END AS vb, CASE WHEN w.grounded THEN w.vn END AS vn,
        CASE WHEN w.sv IS NOT NULL THEN w.note_id END AS note_id,
        CASE WHEN w.sv IS NOT NULL THEN w.evidence END AS evidence,
        w.sv IS NOT NULL AND NOT w.grounded AS ungrounded
-FROM won JOIN patients p USING (patient_id) JOIN questions q USING (question_id)"""
+FROM won JOIN patients p USING (patient_id)"""
 
 
 def _pivot(winners: pa.Table, n_patients: int, job: JobSpec) -> dict[str, pa.Array]:
@@ -213,7 +213,7 @@ def _row_values_sql() -> str:
     """Each answer row with its per-note value: vb (yes_no), vn (numeric, canonical), sv (sortable)."""
     return """
   SELECT *, coalesce(vn, vb::DOUBLE) AS sv FROM (
-    SELECT a.patient_id, a.note_id, a.question_id, a.charttime, a.evidence, q.rollup,
+    SELECT a.patient_id, a.note_id, q.qidx, a.charttime, a.evidence, q.rollup,
            coalesce(a.status = 'answered', FALSE) AS answered,
            CASE WHEN NOT g.required OR a.status IS DISTINCT FROM 'answered' THEN TRUE
                 ELSE coalesce(list_contains(g.accepted, a.grounding), FALSE) END AS grounded,

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.errors import JobError
 from engine.job import JobSpec
@@ -89,11 +90,12 @@ def cohort_funnel(patients: pa.Table, job: JobSpec) -> list[dict]:
     running = np.ones(patients.num_rows, dtype=bool)
     funnel = []
     for c in job.criteria:
-        state = np.asarray(patients[c.id].to_numpy(zero_copy_only=False), dtype=object)
-        excludes = _excludes(state, c.kind, c.unknown)
-        review = (state == "unknown") & (c.unknown == "needs_review")
+        column = patients[c.id]
+        is_ = {s: pc.fill_null(pc.equal(column, s), False).to_numpy(zero_copy_only=False) for s in STATES}
+        excludes = _excludes(is_, c.kind, c.unknown)
+        review = is_["unknown"] & (c.unknown == "needs_review")
         entering = int(running.sum())
-        row = {"criterion": c.id, "kind": c.kind, **{s: int((state == s).sum()) for s in STATES},
+        row = {"criterion": c.id, "kind": c.kind, **{s: int(is_[s].sum()) for s in STATES},
                "entering": entering, "excluded": int((running & excludes).sum()),
                "needs_review": int((running & review).sum())}
         running &= ~excludes
@@ -108,10 +110,11 @@ def screen(answers, job: JobSpec) -> tuple[pa.Table, list[dict]]:
     return patients, cohort_funnel(patients, job)
 
 
-def _excludes(state: np.ndarray, kind: str, unknown: str) -> np.ndarray:
-    """Which patients this criterion excludes, with unknown read as the criterion says."""
-    decided = np.where(state == "unknown", unknown, state)
-    return decided == ("met" if kind == "exclusion" else "not_met")
+def _excludes(is_: dict[str, np.ndarray], kind: str, unknown: str) -> np.ndarray:
+    """Which patients this criterion excludes (from one boolean mask per state), with unknown read as the
+    criterion says."""
+    excluding = "met" if kind == "exclusion" else "not_met"
+    return is_[excluding] | (is_["unknown"] if unknown == excluding else False)
 
 
 def _bind(con: duckdb.DuckDBPyConnection, relation: duckdb.DuckDBPyRelation, job: JobSpec):
