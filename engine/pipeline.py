@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.job import JobSpec
-from engine.output import OutputStore, answer_schema, to_answer_table, ShardCollector
+from engine.output import OutputStore, answer_schema, to_answer_table
 from engine.plan import Plan, make_plan
 from engine.stages.candidates import find_candidates
 from engine.stages.expand import expand_questions
@@ -89,8 +89,9 @@ def compact_text(batch: pa.Table) -> pa.Table:
     return batch.set_column(batch.schema.get_field_index("text"), "text", own)
 
 
-PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
-                         ("patients", pa.list_(pa.string())), ("statuses", pa.string())])
+PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("first_row", pa.int64()),
+                         ("last_row", pa.int64()), ("seconds", pa.float64()), ("patients", pa.list_(pa.string())),
+                         ("statuses", pa.string())])
 
 
 class AnswerBatches(GenerateAnswers):
@@ -100,19 +101,24 @@ class AnswerBatches(GenerateAnswers):
     Parsing and grounding cost about a microsecond a row against milliseconds of generation, and doing them here
     means the answers never travel back through the object store: the driver receives one small row per (batch,
     shard) (where the part is, its rows, busy seconds, patients, status counts), so it stays light however large
-    the extract, and on a cluster no answer crosses to the head node.
+    the extract, and on a cluster no answer crosses to the head node. Each part is reported to the ledger
+    (engine.commit) before the batch returns, and the ledger commits shards as they complete.
     """
 
-    def __init__(self, job: dict, schema: pa.Schema, fingerprint: str):
+    def __init__(self, job: dict, schema: pa.Schema, fingerprint: str, ledger):
         super().__init__(job)
-        self.schema, self.fingerprint = schema, fingerprint
+        self.schema, self.fingerprint, self.ledger = schema, fingerprint, ledger
         self.store = OutputStore(self.plan.job.output.uri, self.plan.job.output.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
         started = time.perf_counter()
         cue_seconds = batch["cue_seconds"]
         answered = ground_evidence(parse_answers(super().__call__(compact_text(batch)), self.plan))
-        return stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started)
+        parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started)
+        ray.get(self.ledger.report.remote(parts.select(["shard_id", "path", "rows", "first_row", "last_row", "statuses"]).to_pylist()))
+        return parts
 
 
 def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float) -> pa.Table:
@@ -127,12 +133,13 @@ def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedAr
     share = (time.perf_counter() - started) / max(answers.num_rows, 1)
     return pa.Table.from_pylist([
         {"shard_id": shard_id, "path": path, "rows": part.num_rows, "seconds": cues + share * part.num_rows,
+         **dict(zip(("first_row", "last_row"), (v.as_py() for v in pc.min_max(part["row_number"]).values()))),
          "patients": pc.unique(part["patient_id"]).to_pylist(),
          "statuses": json.dumps({r["values"]: r["counts"] for r in pc.value_counts(part["status"]).to_pylist()})}
         for shard_id, path, part, cues in parts], schema=PART_SCHEMA)
 
 
-def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema):
+def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema, ledger):
     """The Ray Data graph. Shards of one row group are read together; a note's questions stay in one batch."""
     import ray.data
 
@@ -147,10 +154,11 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(notes_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow",
-                     concurrency=min(batching.read_tasks or batching.actors + 1, len(items)))
+                     compute=ray.data.TaskPoolStrategy(size=min(batching.read_tasks or batching.actors + 1, len(items))))
         .map_batches(
             AnswerBatches,
-            fn_constructor_kwargs={"job": job.model_dump(mode="json"), "schema": schema, "fingerprint": job.fingerprint()},
+            fn_constructor_kwargs={"job": job.model_dump(mode="json"), "schema": schema, "fingerprint": job.fingerprint(),
+                                   "ledger": ledger},
             compute=ray.data.ActorPoolStrategy(size=batching.actors),
             batch_size=batching.notes_per_batch * n_questions,
             num_cpus=batching.cpus_per_actor,
@@ -203,80 +211,71 @@ def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
         raise JobError(f"{job.name} (with input {job.input.uri})", problems)
 
 
+PROGRESS_SECONDS = 2.0  # how often the driver asks the ledger how far the run is
+
+
 def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
+    """Run the dataset; the model actors stage parts and the ledger commits shards; the driver drains the
+    dataset's small part rows (busy seconds, patients) on a thread and polls the ledger for progress."""
+    import threading
+
+    import ray
+
+    from engine.commit import ShardLedger
+
     n_questions = len(job.questions)
     schema = answer_schema(job, inputs.schema)
-    collector = ShardCollector({s.shard_id: s.num_rows * n_questions for s in pending})
-    dataset = build_dataset(job, inputs, pending, schema)
-    with ShardCommitter(job.output, stats, n_questions) as committer:
-        _consume(dataset, job, collector, committer, stats, progress)
+    expected = {s.shard_id: s.num_rows * n_questions for s in pending}
+    ledger = ray.remote(ShardLedger).options(num_cpus=0).remote(expected, job.output.uri, json.dumps(job.output.storage_options))
+    dataset = build_dataset(job, inputs, pending, schema, ledger)
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                if stats.first_result is None:
+                    stats.first_result = time.time()
+                stats.engine_seconds += float(pc.sum(batch["seconds"]).as_py() or 0.0)
+                for patients in batch["patients"].to_pylist():
+                    stats.patients_processed.update(patients)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=drain, name="drain", daemon=True)
+    thread.start()
+    seen = {"pairs": 0, "statuses": {}}
+    while thread.is_alive():
+        thread.join(PROGRESS_SECONDS)
+        seen = _advance(progress, _ledger_call(ledger.status), seen, n_questions)
+    if failure:
+        raise failure[0]
+    final = _ledger_call(ledger.finish)
+    _advance(progress, final, seen, n_questions)
+    stats.pairs_processed = final["pairs"]
+    stats.shards_committed = final["shards_committed"]
+    stats.notes_processed = final["rows_committed"] // max(n_questions, 1)
+    if final["error"] is not None:
+        raise final["error"]
     store.remove_staging()
-    if collector.incomplete:
-        raise RuntimeError(f"the pipeline ended with incomplete shards {collector.incomplete[:3]}: a bug; re-run to resume")
+    if final["incomplete"]:
+        raise RuntimeError(f"the pipeline ended with incomplete shards {final['incomplete'][:3]}: a bug; re-run to resume")
 
 
-@lru_cache(maxsize=4)
-def _store(uri: str, storage_options_json: str) -> OutputStore:
-    return OutputStore(uri, json.loads(storage_options_json))
+def _ledger_call(method) -> dict:
+    import ray
+
+    try:
+        return ray.get(method.remote())
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.cause from None
 
 
-def commit_task(uri: str, storage_options_json: str, shard_id: str, paths: list[str]) -> None:
-    _store(uri, storage_options_json).commit_staged(shard_id, paths)
-    pa.default_memory_pool().release_unused()
-
-
-class ShardCommitter:
-    """Commits complete shards as Ray tasks (merge the staged parts, sort, write answers/<shard>.parquet), so the
-    driver never holds answers; a few commits run at once, and the driver waits only when that many are busy."""
-
-    IN_FLIGHT = 2
-
-    def __init__(self, output, stats, n_questions: int):
-        import ray
-
-        self.task = ray.remote(commit_task).options(num_cpus=1, max_retries=ACTOR_RESTARTS, retry_exceptions=False)
-        self.args = (output.uri, json.dumps(output.storage_options))
-        self.stats, self.n_questions = stats, n_questions
-        self.running: dict = {}  # object ref -> rows of the shard
-
-    def submit(self, shard_id: str, paths: list[str], rows: int) -> None:
-        while len(self.running) >= self.IN_FLIGHT:
-            self._finish(timeout=None)
-        self.running[self.task.remote(*self.args, shard_id, paths)] = rows
-
-    def _finish(self, timeout) -> None:
-        import ray
-
-        done, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
-        for ref in done:
-            rows = self.running.pop(ref)
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:  # the task's own error (an OutputError says what to do)
-                raise exc.cause from None
-            self.stats.shards_committed += 1
-            self.stats.notes_processed += rows // self.n_questions
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            while self.running:
-                self._finish(timeout=None)
-
-
-def _consume(dataset, job, collector, committer, stats, progress) -> None:
-    n_questions = len(job.questions)
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        if stats.first_result is None:
-            stats.first_result = time.time()
-        for part in batch.to_pylist():
-            stats.engine_seconds += part["seconds"]
-            stats.pairs_processed += part["rows"]
-            stats.patients_processed.update(part["patients"])
-            if progress is not None:
-                progress.advance(part["rows"] / n_questions, part["rows"], json.loads(part["statuses"]))
-            paths = collector.add(part["shard_id"], part["path"], part["rows"])
-            if paths is not None:
-                committer.submit(part["shard_id"], paths, collector.expected[part["shard_id"]])
+def _advance(progress, status: dict, seen: dict, n_questions: int) -> dict:
+    """Move the progress display on by what the ledger heard since the last poll."""
+    if status["error"] is not None:
+        raise status["error"]
+    if progress is not None and status["pairs"] > seen["pairs"]:
+        statuses = {k: v - seen["statuses"].get(k, 0) for k, v in status["statuses"].items()}
+        pairs = status["pairs"] - seen["pairs"]
+        progress.advance(pairs / n_questions, pairs, statuses)
+    return {"pairs": status["pairs"], "statuses": status["statuses"]}

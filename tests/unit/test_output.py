@@ -139,7 +139,7 @@ def test_collector_returns_a_shard_only_when_all_its_rows_arrived():
     collector = ShardCollector({"s1": 4, "s2": 2, "s3": 2})
     assert collector.add("s1", "p1", 2) is None
     assert collector.add("s2", "p2", 1) is None
-    assert collector.incomplete == ["s1", "s2"]
+    assert collector.incomplete == ["s1", "s2", "s3"]  # s3: nothing staged yet
     assert collector.add("s2", "p3", 1) == ["p2", "p3"]
     assert collector.add("s3", "p4", 2) == ["p4"]
     assert collector.add("s1", "p5", 2) == ["p1", "p5"]
@@ -220,3 +220,10 @@ def test_to_answer_table_fixes_the_schema(inputs):
     assert table["job_fingerprint"].to_pylist() == ["abc123"]
     assert table["question_id"].to_pylist() == ["creatinine_max"]
     assert table["value_num"].to_pylist() == [1.5]
+
+
+def test_collector_counts_a_part_reported_twice_once():
+    collector = ShardCollector({"s1": 4})
+    assert collector.add("s1", "p1", 2, key=("s1", 0, 0, 2)) is None
+    assert collector.add("s1", "p1-again", 2, key=("s1", 0, 0, 2)) is None  # a retried batch staged the same rows
+    assert collector.add("s1", "p2", 2, key=("s1", 1, 1, 2)) == ["p1", "p2"]
