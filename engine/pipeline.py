@@ -155,6 +155,10 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(notes_stage, fn_kwargs={"job_json": job_json, "schema": inputs.schema}, batch_size=1, batch_format="pyarrow",
                      compute=ray.data.TaskPoolStrategy(size=min(batching.read_tasks or batching.actors + 1, len(items))))
+        # One block per model batch: Ray Data joins a task's small outputs into 32 MiB blocks, and an actor task
+        # takes a whole block, so a row group of short notes became one task of thousands of batches (no
+        # output, no commit, and Ray Data's no-progress timeout after 30 minutes with a slow model).
+        .repartition(target_num_rows_per_block=batching.notes_per_batch * n_questions)
         .map_batches(
             AnswerBatches,
             fn_constructor_kwargs={"job": job.model_dump(mode="json"), "schema": schema, "fingerprint": job.fingerprint(),
