@@ -117,8 +117,8 @@ class AnswerBatches(GenerateAnswers):
         cue_seconds = batch["cue_seconds"]
         answered = ground_evidence(parse_answers(super().__call__(compact_text(batch)), self.plan))
         parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started)
-        ray.get(self.ledger.report.remote(parts.select(["shard_id", "path", "rows", "first_row", "last_row", "statuses"]).to_pylist()))
-        return parts
+        ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist()))
+        return parts.select(["seconds", "patients"])  # what the driver sums; the ledger has the rest
 
 
 def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float) -> pa.Table:
