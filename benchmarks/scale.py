@@ -109,7 +109,8 @@ def engine_run(extract: Path, out: Path) -> int:
         "model": job.model.model_copy(update={"backend": "null", "name": "null"}),
         # every pair goes to the (null) model: this measures the data plane, not the cue search of hybrid mode
         "extraction": job.extraction.model_copy(update={"mode": "model"}),
-        "batching": job.batching.model_copy(update={"notes_per_shard": 25_000, "notes_per_batch": 2_000, "actors": 2, "cpus_per_actor": 0.5}),
+        # a batch is a shard: each model actor commits its batch to answers/ itself (no staged parts to merge)
+        "batching": job.batching.model_copy(update={"notes_per_shard": 2_000, "notes_per_batch": 2_000, "actors": 2, "cpus_per_actor": 0.5}),
     })
     report, _ = run_job(job, overwrite=True)
     return report["rows"]

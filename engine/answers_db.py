@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -69,15 +70,15 @@ def _distinct(column: str, where: str = "TRUE") -> str:
     return f"(SELECT count(*) FROM (SELECT {column} FROM answers WHERE {where} GROUP BY 1))"
 
 
-_TOTALS_SQL = f"""
-SELECT count(*) AS rows, {_distinct("note_id")} AS notes, {_distinct("patient_id")} AS patients,
-       {_distinct("note_id", "truncated")} AS notes_truncated,
+_TOTALS_SQL = """
+SELECT count(*) AS rows, {notes} AS notes, {patients} AS patients,
+       {truncated} AS notes_truncated,
        coalesce(sum(prompt_tokens), 0)::BIGINT AS prompt_tokens, coalesce(sum(cached_tokens), 0)::BIGINT AS cached_tokens,
        coalesce(sum(completion_tokens), 0)::BIGINT AS completion_tokens,
        count(*) FILTER (WHERE coalesce(completion_tokens, 0) > 0) AS generated,
        count(completion_tokens) AS model_outputs,
        count(*) FILTER (WHERE completion_tokens IS NOT NULL AND status = 'error'
-                        AND regexp_matches(coalesce(error, ''), '{UNPARSED_ERRORS}')) AS unparsed
+                        AND regexp_matches(coalesce(error, ''), '{unparsed}')) AS unparsed
 FROM answers"""
 
 # One scan for the four breakdowns; `k` is the value, `g` which breakdown it belongs to.
@@ -91,10 +92,19 @@ HAVING k IS NOT NULL
 ORDER BY g, n DESC, k"""
 
 
-def answer_totals(answers: Answers) -> dict:
-    """Counts and token sums over all answer rows, by status, error reason, grounding and route."""
+def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
+    """Counts and token sums over all answer rows, by status, error reason, grounding and route.
+
+    `patients` (roll-up's table, one row per patient with `n_notes`, its distinct note ids) gives the note and
+    patient counts without two more passes over the answers (6 s of the report at 23M rows): notes are then
+    distinct (patient, note id) pairs."""
     con = connect(answers)
-    totals = query_dicts(con, _TOTALS_SQL)[0]
+    if patients is not None:
+        notes, people = int(pc.sum(patients["n_notes"]).as_py() or 0), patients.num_rows
+    else:
+        notes, people = _distinct("note_id"), _distinct("patient_id")
+    sql = _TOTALS_SQL.format(notes=notes, patients=people, truncated=_distinct("note_id", "truncated"), unparsed=UNPARSED_ERRORS)
+    totals = query_dicts(con, sql)[0]
     counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}}
     for row in query_dicts(con, _COUNTS_SQL):
         counted[row["g"]][row["k"]] = row["n"]

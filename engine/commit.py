@@ -9,6 +9,7 @@ only when a whole task ends, and nothing would be committed (or resumable) until
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, deque
 from functools import lru_cache
 
@@ -45,9 +46,13 @@ class ShardLedger:
         self.pairs, self.statuses = 0, Counter()
         self.shards_committed, self.rows_committed = 0, 0
         self.error: BaseException | None = None
+        self.first_part: float | None = None  # when the first batch's answers were staged: the end of start-up
 
     def report(self, parts: list[dict]) -> None:
-        """Parts just staged: dicts with shard_id, path, rows, first_row, last_row, statuses (a JSON object)."""
+        """Parts just written: dicts with shard_id, path (empty: the actor committed the whole shard itself), rows,
+        first_row, last_row, statuses (a JSON object)."""
+        if self.first_part is None:
+            self.first_part = time.time()
         for part in parts:
             key = (part["shard_id"], part["first_row"], part["last_row"], part["rows"])
             if key in self.collector.seen:
@@ -55,14 +60,17 @@ class ShardLedger:
             paths = self.collector.add(part["shard_id"], part["path"], part["rows"], key)
             self.pairs += part["rows"]
             self.statuses.update(json.loads(part["statuses"]))
-            if paths is not None:
+            if paths == [""]:  # the whole shard was in one batch, and its actor committed it
+                self.shards_committed += 1
+                self.rows_committed += part["rows"]
+            elif paths is not None:
                 self.waiting.append((part["shard_id"], paths))
         self._pump(wait=False)
 
     def status(self) -> dict:
         self._pump(wait=False)
         return {"pairs": self.pairs, "statuses": dict(self.statuses), "shards_committed": self.shards_committed,
-                "rows_committed": self.rows_committed, "error": self.error}
+                "rows_committed": self.rows_committed, "error": self.error, "first_part": self.first_part}
 
     def finish(self) -> dict:
         """Wait for every commit; return the final status with the shards still incomplete (a bug if any)."""

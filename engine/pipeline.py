@@ -23,7 +23,7 @@ from engine.stages.expand import expand_questions
 from engine.stages.generate import GenerateAnswers
 from engine.stages.ground import ground_evidence
 from engine.stages.parse import parse_answers
-from engine.stages.read import InputPlan, Shard, plan_input, read_shards
+from engine.stages.read import InputPlan, Shard, iter_notes, plan_input
 
 ACTOR_RESTARTS = 2  # a crashed engine actor is restarted by Ray and its batch retried this many times
 
@@ -54,21 +54,19 @@ def _plan(job_json: str) -> Plan:
 def notes_stage(batch: pa.Table, job_json: str, schema: pa.Schema):
     """read -> expand -> candidates, one model batch of notes at a time.
 
-    A row group is read once, then expanded and searched for cues in slices of `notes_per_batch` notes, each
-    yielded as its own block: a block then carries only its own notes' text (a 50,000-note row group expanded
-    at once made 1.15M-row blocks whose slices each held the whole group's text), and a task's memory stays
-    bounded by one slice. The cue search's busy time goes into the run's processing seconds (and so the cost).
+    A row group is decoded, expanded and searched for cues in slices of `notes_per_batch` notes, each yielded as
+    its own block: a block then carries only its own notes' text (a 50,000-note row group expanded at once made
+    1.15M-row blocks whose slices each held the whole group's text), and a task's memory stays bounded by one
+    slice. The cue search's busy time goes into the run's processing seconds (and so the cost).
     """
     plan = _plan(job_json)
     step = plan.job.batching.notes_per_batch
     for item in batch["shards"].to_pylist():
-        notes = read_shards(plan.job.input, [Shard(**s) for s in json.loads(item)], schema)
-        for start in range(0, notes.num_rows, step):
+        for notes in iter_notes(plan.job.input, [Shard(**s) for s in json.loads(item)], schema, step):
             started = time.perf_counter()
-            rows = find_candidates(expand_questions(notes.slice(start, step), plan.question_ids), plan)
+            rows = find_candidates(expand_questions(notes, plan.question_ids), plan)
             share = (time.perf_counter() - started) / max(rows.num_rows, 1)
             yield rows.append_column("cue_seconds", pa.array(np.full(rows.num_rows, share)))
-        del notes
         pa.default_memory_pool().release_unused()  # an idle worker would keep the row group's pages otherwise
 
 
@@ -95,19 +93,20 @@ PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("row
 
 
 class AnswerBatches(GenerateAnswers):
-    """The model actor: a batch of (note, question) rows -> generate -> parse -> ground -> answers/ rows, staged as
-    parts in the output by this actor.
+    """The model actor: a batch of (note, question) rows -> generate -> parse -> ground -> answers/ rows, written to
+    the output by this actor.
 
     Parsing and grounding cost about a microsecond a row against milliseconds of generation, and doing them here
     means the answers never travel back through the object store: the driver receives one small row per (batch,
-    shard) (where the part is, its rows, busy seconds, patients, status counts), so it stays light however large
-    the extract, and on a cluster no answer crosses to the head node. Each part is reported to the ledger
-    (engine.commit) before the batch returns, and the ledger commits shards as they complete.
+    shard) (busy seconds, patients), so it stays light however large the extract, and on a cluster no answer
+    crosses to the head node. A shard whose rows are all in the batch (notes_per_batch >= notes_per_shard) is
+    committed here, straight to answers/; the rows of other shards are staged as parts. Either way the ledger
+    (engine.commit) hears of them before the batch returns, and commits the staged shards as they complete.
     """
 
-    def __init__(self, job: dict, schema: pa.Schema, fingerprint: str, ledger):
+    def __init__(self, job: dict, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int]):
         super().__init__(job)
-        self.schema, self.fingerprint, self.ledger = schema, fingerprint, ledger
+        self.schema, self.fingerprint, self.ledger, self.expected = schema, fingerprint, ledger, expected
         self.store = OutputStore(self.plan.job.output.uri, self.plan.job.output.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -116,20 +115,28 @@ class AnswerBatches(GenerateAnswers):
         started = time.perf_counter()
         cue_seconds = batch["cue_seconds"]
         answered = ground_evidence(parse_answers(super().__call__(compact_text(batch)), self.plan))
-        parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started)
+        parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started,
+                            self.expected)
         ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist()))
         return parts.select(["seconds", "patients"])  # what the driver sums; the ledger has the rest
 
 
-def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float) -> pa.Table:
-    """Stage each shard's rows of a batch as a part; one PART_SCHEMA row per part. A part's busy seconds are its
-    rows' share of the actor's time on the batch (start to staged) plus its rows' cue-search time."""
+def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float,
+                expected: dict[str, int] | None = None) -> pa.Table:
+    """Write each shard's rows of a batch: committed at once when they are the whole shard (`expected` rows), else
+    staged as a part; one PART_SCHEMA row per shard (`path` empty for a committed one). A part's busy seconds are
+    its rows' share of the actor's time on the batch (start to written) plus its rows' cue-search time."""
     shard_ids = answers["shard_id"]
     parts = []
     for shard_id in pc.unique(shard_ids).to_pylist():
         mask = pc.equal(shard_ids, shard_id)
         part = answers.filter(mask)
-        parts.append((shard_id, store.stage_part(shard_id, part), part, float(pc.sum(cue_seconds.filter(mask)).as_py() or 0.0)))
+        if expected is not None and part.num_rows == expected.get(shard_id):
+            store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
+            path = ""
+        else:
+            path = store.stage_part(shard_id, part)
+        parts.append((shard_id, path, part, float(pc.sum(cue_seconds.filter(mask)).as_py() or 0.0)))
     share = (time.perf_counter() - started) / max(answers.num_rows, 1)
     return pa.Table.from_pylist([
         {"shard_id": shard_id, "path": path, "rows": part.num_rows, "seconds": cues + share * part.num_rows,
@@ -139,7 +146,7 @@ def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedAr
         for shard_id, path, part, cues in parts], schema=PART_SCHEMA)
 
 
-def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema, ledger):
+def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema, ledger, expected: dict[str, int]):
     """The Ray Data graph. Shards of one row group are read together; a note's questions stay in one batch."""
     import ray.data
 
@@ -162,7 +169,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
         .map_batches(
             AnswerBatches,
             fn_constructor_kwargs={"job": job.model_dump(mode="json"), "schema": schema, "fingerprint": job.fingerprint(),
-                                   "ledger": ledger},
+                                   "ledger": ledger, "expected": expected},
             compute=ray.data.ActorPoolStrategy(size=batching.actors),
             batch_size=batching.notes_per_batch * n_questions,
             num_cpus=batching.cpus_per_actor,
@@ -231,14 +238,12 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     schema = answer_schema(job, inputs.schema)
     expected = {s.shard_id: s.num_rows * n_questions for s in pending}
     ledger = ray.remote(ShardLedger).options(num_cpus=0).remote(expected, job.output.uri, json.dumps(job.output.storage_options))
-    dataset = build_dataset(job, inputs, pending, schema, ledger)
+    dataset = build_dataset(job, inputs, pending, schema, ledger, expected)
     failure: list[BaseException] = []
 
     def drain() -> None:
         try:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                if stats.first_result is None:
-                    stats.first_result = time.time()
                 stats.engine_seconds += float(pc.sum(batch["seconds"]).as_py() or 0.0)
                 for patients in batch["patients"].to_pylist():
                     stats.patients_processed.update(patients)
@@ -250,11 +255,11 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     seen = {"pairs": 0, "statuses": {}}
     while thread.is_alive():
         thread.join(PROGRESS_SECONDS)
-        seen = _advance(progress, _ledger_call(ledger.status), seen, n_questions)
+        seen = _advance(progress, _ledger_call(ledger.status), seen, n_questions, stats)
     if failure:
         raise failure[0]
     final = _ledger_call(ledger.finish)
-    _advance(progress, final, seen, n_questions)
+    _advance(progress, final, seen, n_questions, stats)
     stats.pairs_processed = final["pairs"]
     stats.shards_committed = final["shards_committed"]
     stats.notes_processed = final["rows_committed"] // max(n_questions, 1)
@@ -274,10 +279,12 @@ def _ledger_call(method) -> dict:
         raise exc.cause from None
 
 
-def _advance(progress, status: dict, seen: dict, n_questions: int) -> dict:
+def _advance(progress, status: dict, seen: dict, n_questions: int, stats: RunStats) -> dict:
     """Move the progress display on by what the ledger heard since the last poll."""
     if status["error"] is not None:
         raise status["error"]
+    # start-up ends when the first batch's answers are staged (Ray Data hands the driver its outputs in blocks, late)
+    stats.first_result = stats.first_result or status["first_part"]
     if progress is not None and status["pairs"] > seen["pairs"]:
         statuses = {k: v - seen["statuses"].get(k, 0) for k, v in status["statuses"].items()}
         pairs = status["pairs"] - seen["pairs"]

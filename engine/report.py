@@ -41,7 +41,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
     """
     from engine.answers_db import answer_totals
 
-    totals = answer_totals(answers)
+    totals = answer_totals(answers, patients if "n_notes" in patients.column_names else None)
     by_status = {status: 0 for status in STATUSES} | totals["by_status"]
     top_errors = list(totals["errors"].items())[:TOP_ERRORS]
     prompt, cached, completion = totals["prompt_tokens"], totals["cached_tokens"], totals["completion_tokens"]

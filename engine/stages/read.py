@@ -6,6 +6,7 @@ finds the same shards. Every input row yields exactly one note row: bad rows are
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
@@ -139,6 +140,32 @@ def read_shards(spec: InputSpec, shards: list[Shard], schema: pa.Schema) -> pa.T
         group = pq.ParquetFile(handle).read_row_group(first.row_group, columns=columns)
     parts = [normalise_notes(group.slice(s.start, s.num_rows), spec, s, schema) for s in shards]
     return pa.concat_tables(parts)
+
+
+def iter_notes(spec: InputSpec, shards: list[Shard], schema: pa.Schema, step: int) -> Iterator[pa.Table]:
+    """The shards of one row group as normalised note rows, at most `step` notes at a time, in row order.
+
+    The row group is decoded `step` rows at a time (pyarrow's batch reader), so a reading worker holds one slice of
+    decoded notes, not the whole row group (a 50,000-note group kept about 1 GB in each reading worker)."""
+    first = shards[0]
+    fs, _ = filesystem(spec.uri, spec.storage_options)
+    columns = list(dict.fromkeys([spec.note_id, spec.patient_id, spec.text, *spec.structured] + ([spec.charttime] if spec.charttime else [])))
+    wanted = sorted(shards, key=lambda s: s.start)
+    with fs.open(first.path, "rb") as handle:
+        offset = 0
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=step, row_groups=[first.row_group], columns=columns):
+            low, high = offset, offset + batch.num_rows
+            offset = high
+            for shard in wanted:
+                start, stop = max(low, shard.start), min(high, shard.stop)
+                if start >= stop:
+                    continue
+                file_row = shard.file_row + (start - shard.start)
+                piece = replace(shard, start=start, stop=stop, file_row=file_row,
+                                duplicates=tuple(d for d in shard.duplicates if file_row <= d[0] < file_row + stop - start))
+                yield normalise_notes(pa.Table.from_batches([batch.slice(start - low, stop - start)]), spec, piece, schema)
+            if offset >= wanted[-1].stop:
+                break
 
 
 def normalise_notes(raw: pa.Table, spec: InputSpec, shard: Shard, schema: pa.Schema) -> pa.Table:

@@ -39,13 +39,13 @@ def write_notes(path: Path, n: int) -> None:
     }), path, row_group_size=500)
 
 
-def null_job(tmp: Path, output: str = "out") -> Path:
+def null_job(tmp: Path, output: str = "out", notes_per_batch: int = 25) -> Path:
     spec = yaml.safe_load(APIXABAN_JOB.read_text())
     spec["input"].update(uri=str(tmp / "notes.parquet"), limit=None)
     spec["output"]["uri"] = str(tmp / output)
     spec["model"] = {"backend": "null", "name": "null"}
     spec["extraction"] = {"mode": "model"}  # every pair through the model stage, as a model-backed run
-    spec["batching"] = {"notes_per_shard": 25, "notes_per_batch": 25}
+    spec["batching"] = {"notes_per_shard": 25, "notes_per_batch": notes_per_batch}
     path = tmp / f"job-{output}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -81,10 +81,13 @@ def committed_shards(out: Path) -> int:
     return len([p for p in folder.glob("*.parquet")]) if folder.exists() else 0
 
 
-def test_killed_runs_resume_to_exactly_once(tmp_path):
-    """Each trial kills the run at a random moment while shards are being committed (watched on disk)."""
+@pytest.mark.parametrize("notes_per_batch", [25, 10], ids=["batch-is-shard", "batches-staged"])
+def test_killed_runs_resume_to_exactly_once(tmp_path, notes_per_batch):
+    """Each trial kills the run at a random moment while shards are being committed (watched on disk). A batch of a
+    whole shard is committed by its model actor; batches of 10 notes straddle the 25-note shards, whose parts are
+    staged and merged by the ledger's commit tasks."""
     write_notes(tmp_path / "notes.parquet", NOTES)
-    job = null_job(tmp_path)
+    job = null_job(tmp_path, notes_per_batch=notes_per_batch)
     out = tmp_path / "out"
     total_shards = NOTES // 25
     rng = random.Random(1234)
