@@ -133,13 +133,7 @@ def _check_columns(spec: InputSpec, schema: pa.Schema, path: str) -> None:
 
 def read_shards(spec: InputSpec, shards: list[Shard], schema: pa.Schema) -> pa.Table:
     """Read the shards of one row group (one read) into normalised note rows."""
-    first = shards[0]
-    fs, _ = filesystem(spec.uri, spec.storage_options)
-    columns = list(dict.fromkeys([spec.note_id, spec.patient_id, spec.text, *spec.structured] + ([spec.charttime] if spec.charttime else [])))
-    with fs.open(first.path, "rb") as handle:
-        group = pq.ParquetFile(handle).read_row_group(first.row_group, columns=columns)
-    parts = [normalise_notes(group.slice(s.start, s.num_rows), spec, s, schema) for s in shards]
-    return pa.concat_tables(parts)
+    return pa.concat_tables(iter_notes(spec, shards, schema, step=max(s.stop for s in shards)))
 
 
 def iter_notes(spec: InputSpec, shards: list[Shard], schema: pa.Schema, step: int) -> Iterator[pa.Table]:
