@@ -128,15 +128,17 @@ def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedAr
     its rows' share of the actor's time on the batch (start to written) plus its rows' cue-search time."""
     shard_ids = answers["shard_id"]
     parts = []
-    for shard_id in pc.unique(shard_ids).to_pylist():
+    shards = pc.unique(shard_ids).to_pylist()
+    for shard_id in shards:
         mask = pc.equal(shard_ids, shard_id)
-        part = answers.filter(mask)
+        part = answers.filter(mask) if len(shards) > 1 else answers
         if expected is not None and part.num_rows == expected.get(shard_id):
             store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
             path = ""
         else:
             path = store.stage_part(shard_id, part)
-        parts.append((shard_id, path, part, float(pc.sum(cue_seconds.filter(mask)).as_py() or 0.0)))
+        cues = cue_seconds.filter(mask) if len(shards) > 1 else cue_seconds
+        parts.append((shard_id, path, part, float(pc.sum(cues).as_py() or 0.0)))
     share = (time.perf_counter() - started) / max(answers.num_rows, 1)
     return pa.Table.from_pylist([
         {"shard_id": shard_id, "path": path, "rows": part.num_rows, "seconds": cues + share * part.num_rows,
