@@ -42,7 +42,8 @@ def ray_init_options(verbose: bool = False) -> dict:
     else:
         options.update(address="local", _node_ip_address=LOCAL_NODE_IP, include_dashboard=False,
                        num_cpus=max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
-                       object_store_memory=int(os.environ.get("ENGINE_OBJECT_STORE_BYTES", 1 << 30)),
+                       # 512 MiB: at 1M notes as fast as 1 GiB, nothing spilled, 0.3 GiB less held in /dev/shm
+                       object_store_memory=int(os.environ.get("ENGINE_OBJECT_STORE_BYTES", 512 << 20)),
                        # Ray keeps as many idle workers as logical CPUs (8 here), each holding 0.3-1 GB after its
                        # tasks; keep as many as there are cores (measured at 1M notes: peak 4.7 -> 4.2 GiB, same time)
                        _system_config={"num_workers_soft_limit": os.cpu_count() or 1})
