@@ -227,3 +227,23 @@ def test_collector_counts_a_part_reported_twice_once():
     assert collector.add("s1", "p1", 2, key=("s1", 0, 0, 2)) is None
     assert collector.add("s1", "p1-again", 2, key=("s1", 0, 0, 2)) is None  # a retried batch staged the same rows
     assert collector.add("s1", "p2", 2, key=("s1", 1, 1, 2)) == ["p1", "p2"]
+
+
+def test_a_shard_is_written_in_row_order_with_statistics_where_readers_filter(store, inputs, tmp_path):
+    """Parts arrive in any order (sorted on commit, a note's rows keeping their question order); rows already in
+    order are written as they are. Min/max statistics are kept only for the columns readers filter on."""
+    import pyarrow.parquet as pq
+
+    from engine.output import ANSWER_STATISTICS
+
+    store.prepare(JOB, inputs, None, False)
+    shuffled = pa.concat_tables([answers("s1", ["c"], first_row=2), answers("s1", ["a", "b"])])
+    store.commit_shard("s1", shuffled)
+    store.commit_shard("s2", answers("s2", ["d", "e"], first_row=3))
+    for shard, notes in (("s1", ["a", "b", "c"]), ("s2", ["d", "e"])):
+        written = pq.read_table(tmp_path / "out" / ANSWERS / f"{shard}.parquet")
+        assert written["note_id"].to_pylist() == [n for n in notes for _ in range(2)]
+        assert written["question_id"].to_pylist() == ["creatinine_max", "atrial_fibrillation"] * len(notes)
+    meta = pq.ParquetFile(tmp_path / "out" / ANSWERS / "s1.parquet").metadata.row_group(0)
+    with_stats = {meta.column(i).path_in_schema for i in range(meta.num_columns) if meta.column(i).is_stats_set}
+    assert with_stats == set(ANSWER_STATISTICS) & set(shuffled.column_names)
