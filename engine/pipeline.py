@@ -130,14 +130,16 @@ def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedAr
     parts = []
     shards = pc.unique(shard_ids).to_pylist()
     for shard_id in shards:
-        mask = pc.equal(shard_ids, shard_id)
-        part = answers.filter(mask) if len(shards) > 1 else answers
+        if len(shards) == 1:  # the usual batch: one shard's rows, no copy
+            part, cues = answers, cue_seconds
+        else:
+            mask = pc.equal(shard_ids, shard_id)
+            part, cues = answers.filter(mask), cue_seconds.filter(mask)
         if expected is not None and part.num_rows == expected.get(shard_id):
             store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
             path = ""
         else:
             path = store.stage_part(shard_id, part)
-        cues = cue_seconds.filter(mask) if len(shards) > 1 else cue_seconds
         parts.append((shard_id, path, part, float(pc.sum(cues).as_py() or 0.0)))
     share = (time.perf_counter() - started) / max(answers.num_rows, 1)
     return pa.Table.from_pylist([

@@ -274,16 +274,3 @@ def test_committed_parquet_files_roll_up_like_the_table(tmp_path):
     pq.write_table(table.slice(1), tmp_path / "answers" / "b.parquet")
     assert rollup_answers(answers_dataset(str(tmp_path)), JOB).to_pylist() == rollup_answers(table, JOB).to_pylist()
 
-
-def test_report_totals_count_each_truncated_note_once():
-    """notes_truncated counts distinct notes with a truncated row (all of a long note's questions are truncated)."""
-    from engine.answers_db import answer_totals
-
-    table = answers(yn("yn_any", "n1", value=True), yn("yn_all", "n1", value=True), yn("yn_any", "n2", value=False),
-                    yn("yn_any", "n3", value=False)).append_column("truncated", pa.array([True, True, True, False]))
-    table = table.append_column("prompt_tokens", pa.array([10, 10, 10, 10], pa.int32()))
-    for name, kind in (("cached_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("error", pa.string()),
-                       ("grounding", pa.string()), ("route", pa.string())):
-        table = table.append_column(name, pa.nulls(4, kind))
-    totals = answer_totals(table)
-    assert (totals["notes_truncated"], totals["notes"], totals["rows"], totals["prompt_tokens"]) == (2, 3, 4, 40)
