@@ -154,6 +154,27 @@ def test_null_backend_runs_the_same_pipeline(apixaban_job, ray_local, tmp_path):
     assert report["rows_by_status"]["not_in_note"] + report["rows_by_status"]["error"] == answers.num_rows
 
 
+def test_read_stage_is_fused_with_the_repartition(apixaban_job, ray_local, tmp_path):
+    """Rows are cut into model batches in the read tasks (one Ray Data operator), not by a repartition stage of
+    its own that would carry every expanded row through the object store once more; read tasks are capped by the
+    dataset's CPU budget (the model actors' CPUs plus `read_tasks`)."""
+    from ray.data.dataset import explain_plan
+
+    from engine.output import answer_schema
+    from engine.pipeline import build_dataset
+    from engine.stages.read import plan_input
+
+    job = job_for(apixaban_job, model="null", backend="null", output=tmp_path / "out")
+    job = job.model_copy(update={"batching": job.batching.model_copy(update={"read_tasks": 3, "actors": 2, "cpus_per_actor": 0.5})})
+    inputs = plan_input(job.input, job.batching.notes_per_shard, None)
+    dataset = build_dataset(job, inputs, inputs.shards, answer_schema(job, inputs.schema), None, {})
+    physical = explain_plan(dataset._logical_plan).split("Physical Plan (Optimized)")[1]
+    assert "MapBatches(notes_stage)->StreamingRepartition" in physical
+    assert physical.count("TaskPoolMapOperator") == 1
+    row_groups = len({(s.path, s.row_group) for s in inputs.shards})  # one read task per row group at most
+    assert dataset.context.execution_options.resource_limits.cpu == 2 * 0.5 + min(3, row_groups)
+
+
 def test_no_note_text_in_logs(e2e_run, e2e_input, ray_local):
     """Notes are protected health information: none of their text reaches Ray's or vLLM's logs."""
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())
