@@ -81,10 +81,22 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
     structured columns (and `grounding` when the job requires grounded evidence). Rows for question ids the
     job does not ask are ignored, but their notes still count in `n_notes`.
     """
+    from engine.rollup_columnar import columnar_rollup
+
+    _question_table(job)  # refuses a roll-up the question type cannot have
+    if all(name in answers.schema.names for name in job.input.structured):
+        table = columnar_rollup(answers, job, _schema_for(answers, job))
+        if table is not None:  # the engine's own layout: segment maxima, same result (engine.rollup_columnar)
+            return table
+    return rollup_sql(answers, job)
+
+
+def rollup_sql(answers, job: JobSpec) -> pa.Table:
+    """rollup_answers in DuckDB, for any answers table: the definition the columnar roll-up is tested against."""
     con = _connect()
     con.register("answers_in", answers)
     _answers_view(con, answers.schema, job)
-    schema = patient_schema(job, {name: answers.schema.field(name).type for name in job.input.structured})
+    schema = _schema_for(answers, job)
     con.register("questions", _question_table(job))
     con.register("units", _unit_table(con, job))
     con.sql(f"CREATE TEMP TABLE patients AS {_patients_sql(job)}")
@@ -96,6 +108,10 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
     columns = {name: pa.chunked_array([c for p in parts for c in p[name].chunks], parts[0][name].type) for name in parts[0]}
     table = pa.Table.from_arrays([*patients.columns, *columns.values()], [*patients.column_names, *columns])
     return table.select(schema.names).cast(schema)
+
+
+def _schema_for(answers, job: JobSpec) -> pa.Schema:
+    return patient_schema(job, {name: answers.schema.field(name).type for name in job.input.structured})
 
 
 def _rows(answers) -> int:

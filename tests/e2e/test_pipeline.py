@@ -122,6 +122,20 @@ def test_patients_and_report_written(e2e_run):
     assert on_disk["cost_per_10k_patients_usd"] == report["cost_per_10k_patients_usd"]
 
 
+def test_the_engines_answers_take_the_columnar_rollup(e2e_run):
+    """The committed answers (bad rows, truncated notes, duplicates included) are in the note-major layout that
+    engine.rollup_columnar needs, and its patient table is the SQL roll-up's."""
+    from engine.answers_db import answers_dataset
+    from engine.rollup import _schema_for, rollup_sql
+    from engine.rollup_columnar import columnar_rollup
+
+    job, _, _, output = e2e_run
+    answers = answers_dataset(str(output))
+    fast = columnar_rollup(answers, job, _schema_for(answers, job))
+    assert fast is not None and fast.num_rows > 0
+    assert fast.to_pylist() == rollup_sql(answers, job).to_pylist()
+
+
 def test_rerun_of_finished_job_does_nothing(e2e_run):
     from engine.pipeline import run_job
 

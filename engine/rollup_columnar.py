@@ -1,0 +1,272 @@
+"""Roll-up on the engine's own answers layout: segment maxima in numpy instead of a grouped arg_max in DuckDB.
+
+The engine writes each note's answers as one run of rows, one per job question in job order (a note's rows are
+never split across batches, and a shard is sorted stably by row number). On that layout the answers of a file
+are an (notes x questions) matrix, and the winner of every (patient, question) is a segment maximum: notes are
+ordered by patient once, each question's per-note ranking key is one int64 (for max/min/latest a value first,
+then an int64 among the notes that hold the best value), and numpy's `maximum.reduceat` picks every patient's
+winner at once. Measured at 1M notes (23M rows, 500k patients): about 3 s, against 10 s for the SQL roll-up's
+grouped arg_max over 7.5M (patient, question) groups.
+
+The result is the same table as engine.rollup's SQL, which stays the definition (its module docstring has the
+rules); tests/unit/test_rollup_columnar.py checks the two on random answers. `columnar_rollup` returns None when
+the layout does not hold (a row of a question the job does not ask, a note's rows split or out of order, no
+row_number column, a missing patient id, a column roll-up needs is absent): rollup_answers then runs the SQL.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.job import JobSpec
+from engine.units import conversion_factor
+
+RANK_BITS = 40  # a note's rank (by charttime, then note id) fills the low bits of a key: up to 2^40 notes
+RANK_MASK = (1 << RANK_BITS) - 1
+NEVER = -(2**63) + 1  # a note without charttime counts as the oldest (as in the SQL)
+DICTIONARY_COLUMNS = ["question_id", "status", "unit", "grounding"]
+
+
+class _Irregular(Exception):
+    """The answers are not in the engine's note-major layout; the SQL roll-up handles them."""
+
+
+def columnar_rollup(answers, job: JobSpec, schema: pa.Schema) -> pa.Table | None:
+    """The patient table of `answers` (a table or the committed files) for `job`, typed as `schema`; None when
+    the answers are not in the engine's layout."""
+    names = answers.schema.names
+    required = ["patient_id", "note_id", "question_id", "status", "value_bool", "value_num", "unit", "evidence",
+                "row_number", *job.input.structured] + (["grounding"] if job.review.require_grounded_evidence else [])
+    if any(name not in names for name in required):
+        return None
+    columns = required + (["charttime"] if "charttime" in names else [])
+    if "grounding" in names and "grounding" not in columns:
+        columns.append("grounding")
+    try:
+        parts = _read_parts(answers, columns, job)
+    except _Irregular:
+        return None
+    if not parts or sum(p["n"] for p in parts) == 0:
+        return schema.empty_table()
+    return _roll_up(parts, job, schema, answers.schema)
+
+
+# --- per file: the note-major matrices ---------------------------------------------------------------------------
+def _read_parts(answers, columns: list[str], job: JobSpec) -> list[dict]:
+    factors: dict[tuple[str, str | None], float | None] = {}  # conversion factors, one call per distinct unit
+    if isinstance(answers, pa.Table):
+        return [_note_matrix(answers.select(columns), job, factors)]
+    fragments = list(answers.get_fragments())
+
+    def read(fragment) -> dict:  # ParquetFile: about half the time of a dataset fragment's scan for a small file
+        with fragment.filesystem.open_input_file(fragment.path) as source:
+            file = pq.ParquetFile(source, read_dictionary=DICTIONARY_COLUMNS)
+            table = file.read(columns=columns, use_threads=False)
+        return _note_matrix(table, job, factors)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # pyarrow and numpy release the GIL
+        return list(pool.map(read, fragments))
+
+
+def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary codes (-1 for null) and the dictionary."""
+    array = _plain(column)
+    if not pa.types.is_dictionary(array.type):
+        array = pc.dictionary_encode(array)
+    return pc.fill_null(array.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64), array.dictionary
+
+
+def _flags(codes: np.ndarray, dictionary: pa.Array, test) -> np.ndarray:
+    """test(value) per row as a bool array (False for null)."""
+    return np.array([bool(test(v)) for v in dictionary.to_pylist()] + [False])[codes]
+
+
+def _plain(column) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _micros(column) -> np.ndarray:
+    """Timestamps as int64 microseconds (UTC for zoned ones, as DuckDB's epoch_us), NEVER where missing."""
+    array = _plain(column)
+    if pa.types.is_null(array.type):
+        return np.full(len(array), NEVER, dtype=np.int64)
+    if not pa.types.is_timestamp(array.type):
+        raise _Irregular
+    if array.type.unit != "us":
+        array = array.cast(pa.timestamp("us", array.type.tz), safe=False)
+    return pc.fill_null(array.view(pa.int64()), NEVER).to_numpy()
+
+
+def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
+    """One file's answers as per-note arrays and (notes x questions) matrices; _Irregular if the layout fails."""
+    questions = job.questions
+    q = len(questions)
+    rows = table.num_rows
+    if rows % q:
+        raise _Irregular
+    n = rows // q
+    qcodes, qvalues = _codes(table["question_id"])
+    index = {qs.id: i for i, qs in enumerate(questions)}
+    qmap = np.array([index.get(v, -1) for v in qvalues.to_pylist()] + [-1], dtype=np.int64)  # [-1]: a null id
+    if not (qmap[qcodes].reshape(n, q) == np.arange(q)).all():
+        raise _Irregular
+    row_number = pc.fill_null(table["row_number"], -1).to_numpy().reshape(n, q)
+    if not (row_number == row_number[:, :1]).all() or table["patient_id"].null_count:
+        raise _Irregular
+    notes = table.take(pa.array(np.arange(0, rows, q)))
+    same = [name for name in ("patient_id", "note_id", "charttime") if name in table.column_names]
+    lasts = table.select(same).take(pa.array(np.arange(q - 1, rows, q)))  # a note's first and last rows agree
+    if not all(notes[name].equals(lasts[name]) for name in same):
+        raise _Irregular
+
+    scodes, statuses = _codes(table["status"])
+    answered = _flags(scodes, statuses, lambda v: v == "answered").reshape(n, q)
+    not_in_note = _flags(scodes, statuses, lambda v: v == "not_in_note").reshape(n, q)
+    if job.review.require_grounded_evidence:
+        accepted = {"exact", "fuzzy"} if job.review.accept_fuzzy else {"exact"}
+        gcodes, groundings = _codes(table["grounding"])
+        found = _flags(gcodes, groundings, lambda v: v in accepted).reshape(n, q)
+        grounded = ~answered | found
+    else:
+        grounded = np.ones((n, q), dtype=bool)
+
+    value_bool = table["value_bool"]
+    vb_value = pc.fill_null(value_bool, False).to_numpy(zero_copy_only=False).reshape(n, q)
+    vb_null = value_bool.is_null().to_numpy(zero_copy_only=False).reshape(n, q)
+    absent_no = np.array([qs.type == "yes_no" and qs.absent == "no" for qs in questions])
+    vb = np.where(answered, np.where(vb_null, -1, vb_value.astype(np.int8)), np.where(not_in_note & absent_no, 0, -1)).astype(np.int8)
+
+    numeric = [j for j, qs in enumerate(questions) if qs.type == "numeric"]
+    vn = np.full((n, len(numeric)), np.nan)
+    if numeric:
+        value_num = pc.fill_null(table["value_num"].cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).reshape(n, q)
+        ucodes, uvalues = _codes(table["unit"])
+        for k, j in enumerate(numeric):
+            qs = questions[j]
+            per_code = []
+            for unit in [*uvalues.to_pylist(), None]:
+                if (qs.id, unit) not in factors:
+                    factors[(qs.id, unit)] = conversion_factor(unit, qs)
+                factor = factors[(qs.id, unit)]
+                per_code.append(np.nan if factor is None else factor)
+            factor = np.array(per_code)[ucodes.reshape(n, q)[:, j]]
+            with np.errstate(invalid="ignore", over="ignore"):
+                value = value_num[:, j] * factor
+                if qs.cap is not None:
+                    value = np.where(value > qs.cap, qs.cap, value)
+            vn[:, k] = np.where(answered[:, j] & np.isfinite(value_num[:, j]), value, np.nan)
+
+    evidence = table["evidence"].combine_chunks()
+    present = np.flatnonzero(evidence.is_valid().to_numpy(zero_copy_only=False))
+    charttime = _micros(notes["charttime"]) if "charttime" in notes.column_names else np.full(n, NEVER, dtype=np.int64)
+    return {"n": n, "answered": answered, "grounded": grounded, "vb": vb, "vn": vn,
+            "patient_id": notes["patient_id"], "note_id": notes["note_id"], "charttime": charttime,
+            "structured": {c: notes[c] for c in job.input.structured},
+            "evidence_at": present, "evidence": evidence.take(pa.array(present))}
+
+
+# --- all files: winners per patient -------------------------------------------------------------------------------
+def _joined(columns: list, type_: pa.DataType) -> pa.Array:
+    return pa.concat_arrays([_plain(c).cast(type_) for c in columns])
+
+
+def _roll_up(parts: list[dict], job: JobSpec, schema: pa.Schema, answers_schema: pa.Schema) -> pa.Table:
+    questions = job.questions
+    q = len(questions)
+    offsets = np.cumsum([0] + [p["n"] for p in parts])
+    answered = np.concatenate([p["answered"] for p in parts])
+    grounded = np.concatenate([p["grounded"] for p in parts])
+    vb = np.concatenate([p["vb"] for p in parts])
+    vn = np.concatenate([p["vn"] for p in parts])
+    evidence_at = np.concatenate([p["evidence_at"] + offsets[i] * q for i, p in enumerate(parts)])
+    evidence = pa.concat_arrays([p["evidence"].cast(pa.string()) for p in parts])
+    patient_ids = _joined([p["patient_id"] for p in parts], pa.string())
+    note_ids = _joined([p["note_id"] for p in parts], pa.string())
+    when = np.concatenate([p["charttime"] for p in parts])
+
+    # patients sorted by id (pidx), and each note's rank by (charttime, note id), the SQL's tie-break order
+    pcodes, dictionary = _codes(patient_ids)
+    order = pc.sort_indices(dictionary).to_numpy().astype(np.int64)
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
+    pidx = position[pcodes]
+    by_time = pc.sort_indices(pa.table({"t": when, "n": pc.fill_null(note_ids, "")}),
+                              sort_keys=[("t", "ascending"), ("n", "ascending")]).to_numpy().astype(np.int64)
+    rank = np.empty(by_time.size, dtype=np.int64)
+    rank[by_time] = np.arange(by_time.size)
+
+    by_patient = np.argsort(pidx, kind="stable")
+    sorted_pidx = pidx[by_patient]
+    starts = np.flatnonzero(np.r_[True, sorted_pidx[1:] != sorted_pidx[:-1]])
+    segment = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, sorted_pidx.size]))
+    srank = rank[by_patient]
+
+    out: dict[str, pa.Array] = {"patient_id": dictionary.take(pa.array(order)).cast(pa.string()), "n_notes": _note_counts(pidx, note_ids, starts.size)}
+    for name in job.input.structured:
+        values = _joined([p["structured"][name] for p in parts], answers_schema.field(name).type)
+        known = values.is_valid().to_numpy(zero_copy_only=False)[by_patient]
+        best = np.maximum.reduceat(np.where(known, srank, -1), starts)
+        out[name] = values.take(pa.array(by_time[np.maximum(best, 0)], mask=best < 0))
+
+    numeric_column = {j: k for k, j in enumerate(j for j, qs in enumerate(questions) if qs.type == "numeric")}
+    for j, qs in enumerate(questions):
+        how = qs.effective_rollup
+        a, g = answered[by_patient, j].astype(np.int64), grounded[by_patient, j].astype(np.int64)
+        if qs.type == "yes_no":
+            sv = vb[:, j].astype(np.float64)
+            sv[vb[:, j] < 0] = np.nan
+        else:
+            sv = vn[:, numeric_column[j]]
+        sv = sv[by_patient]
+        if how in ("any", "all"):
+            k1 = np.where(np.isnan(sv), 1, np.where(sv == (1.0 if how == "any" else 0.0), 2, 0))
+            best = np.maximum.reduceat((((k1 * 2 + a) * 2 + g) << RANK_BITS) | srank, starts)
+            has = np.ones(starts.size, dtype=bool)
+            known = (best >> (RANK_BITS + 2)) != 1
+        else:
+            included = ~np.isnan(sv)
+            if how == "latest":
+                primary = np.where(included, when[by_patient], np.iinfo(np.int64).min)
+            else:
+                primary = np.where(included, sv if how == "max" else -sv, -np.inf)
+            top = np.maximum.reduceat(primary, starts)
+            has = np.maximum.reduceat(included.astype(np.int8), starts) > 0
+            tied = included & (primary == top[segment])
+            best = np.maximum.reduceat(np.where(tied, ((a * 2 + g) << RANK_BITS) | srank, -1), starts)
+            known = has
+        winner = by_time[np.where(has, best & RANK_MASK, 0)]
+        won_grounded = ((best >> RANK_BITS) & 1).astype(bool) & has
+        shown = known & has
+        if qs.type == "yes_no":
+            value = vb[winner, j]
+            out[qs.id] = pa.array(value == 1, mask=~(shown & won_grounded) | (value < 0))
+        else:
+            value = vn[winner, numeric_column[j]]
+            out[qs.id] = pa.array(value, mask=~(shown & won_grounded) | np.isnan(value))
+        out[f"{qs.id}__note_id"] = note_ids.take(pa.array(winner, mask=~shown))
+        out[f"{qs.id}__evidence"] = _evidence(evidence_at, evidence, winner * q + j, shown)
+        if job.review.require_grounded_evidence:
+            out[f"{qs.id}__ungrounded"] = pa.array(shown & ~won_grounded)
+    return pa.table(out).select(schema.names).cast(schema)
+
+
+def _note_counts(pidx: np.ndarray, note_ids: pa.Array, patients: int) -> pa.Array:
+    """Distinct (patient, note id) pairs per patient; a missing note id counts as one note (the SQL's GROUP BY)."""
+    codes, values = _codes(note_ids)
+    width = len(values) + 1
+    pairs = np.unique(pidx * width + (codes + 1))
+    return pa.array(np.bincount(pairs // width, minlength=patients).astype(np.int64))
+
+
+def _evidence(at: np.ndarray, evidence: pa.Array, rows: np.ndarray, shown: np.ndarray) -> pa.Array:
+    """The evidence of answer rows `rows` (flat note * questions + question), null where not shown or empty."""
+    position = np.searchsorted(at, rows)
+    inside = position < at.size
+    found = inside & (at[np.minimum(position, max(at.size - 1, 0))] == rows) if at.size else np.zeros(rows.size, bool)
+    return evidence.take(pa.array(np.where(found, position, 0), mask=~(found & shown))) if at.size else pa.nulls(rows.size, pa.string())

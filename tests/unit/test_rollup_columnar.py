@@ -1,0 +1,122 @@
+"""engine.rollup_columnar: on the engine's note-major layout the numpy roll-up gives the SQL roll-up's table."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.answers_db import answers_dataset
+from engine.job import JobSpec
+from engine.rollup import ANSWER_COLUMNS, _schema_for, rollup_answers, rollup_sql
+from engine.rollup_columnar import columnar_rollup
+
+QUESTIONS = [
+    {"id": "yn_any", "type": "yes_no", "absent": "no", "question": "Does the note say A?"},
+    {"id": "yn_unknown", "type": "yes_no", "question": "Does the note say B?"},
+    {"id": "yn_all", "type": "yes_no", "absent": "no", "rollup": "all", "question": "Does the note say C?"},
+    {"id": "crea_max", "type": "numeric", "rollup": "max", "question": "Highest creatinine?",
+     "unit": "mg/dL", "units": {"mg/dL": 1, "umol/L": 0.01131}},
+    {"id": "hb_min", "type": "numeric", "rollup": "min", "question": "Lowest hemoglobin?",
+     "unit": "g/dL", "units": {"g/dL": 1, "g/L": 0.1}},
+    {"id": "weight", "type": "numeric", "question": "Latest weight in kg?", "unit": "kg", "units": {"kg": 1}},
+    {"id": "lvef_min", "type": "numeric", "rollup": "min", "cap": 55, "question": "Lowest LVEF?",
+     "unit": "%", "units": {"%": 1}},
+]
+T0 = datetime(2150, 1, 1)
+SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "row_number": pa.int64(),
+                    "sex": pa.string(), "age": pa.int64()})
+
+
+def job_for(grounded: bool, fuzzy: bool) -> JobSpec:
+    return JobSpec.model_validate({
+        "name": "columnar-test", "input": {"uri": "x.parquet", "structured": ["sex", "age"]},
+        "output": {"uri": "out"}, "questions": QUESTIONS,
+        "review": {"require_grounded_evidence": grounded, "accept_fuzzy": fuzzy}})
+
+
+ANSWER = st.fixed_dictionaries({
+    "status": st.sampled_from(["answered", "answered", "not_in_note", "error", None]),
+    "value_bool": st.one_of(st.none(), st.booleans()),
+    "value_num": st.one_of(st.none(), st.sampled_from([0.0, 1.5, 60.0, 120.0, float("inf")]),
+                           st.floats(0, 500, allow_nan=False)),
+    "unit": st.sampled_from([None, "mg/dL", "umol/L", "g/dL", "g/L", "kg", "%", "lb"]),
+    "evidence": st.one_of(st.none(), st.sampled_from(["quote a", "quote b"])),
+    "grounding": st.sampled_from([None, "exact", "fuzzy", "not_found"]),
+})
+NOTE = st.fixed_dictionaries({
+    "patient": st.sampled_from(["p1", "p2", "p3", "p10"]),
+    "minutes": st.one_of(st.none(), st.sampled_from([0, 5]), st.integers(0, 100)),  # equal times: tie-breaks
+    "sex": st.one_of(st.none(), st.sampled_from(["F", "M"])),
+    "age": st.one_of(st.none(), st.integers(18, 99)),
+    "answers": st.lists(ANSWER, min_size=len(QUESTIONS), max_size=len(QUESTIONS)),
+})
+
+
+def note_major(notes: list[dict]) -> pa.Table:
+    """The engine's layout: each note's rows contiguous, one per question in job order, one row_number."""
+    rows = []
+    for i, note in enumerate(notes):
+        when = None if note["minutes"] is None else T0 + timedelta(minutes=note["minutes"])
+        for question, answer in zip(QUESTIONS, note["answers"]):
+            rows.append({"patient_id": note["patient"], "note_id": f"n{i:02d}", "question_id": question["id"],
+                         "charttime": when, "row_number": i, "sex": note["sex"], "age": note["age"], **answer})
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(NOTE, min_size=1, max_size=9), st.booleans(), st.booleans())
+def test_columnar_rollup_equals_the_sql_rollup(notes, grounded, fuzzy):
+    job = job_for(grounded, fuzzy)
+    table = note_major(notes)
+    fast = columnar_rollup(table, job, _schema_for(table, job))
+    assert fast is not None, "a note-major table must take the columnar path"
+    assert fast.to_pylist() == rollup_sql(table, job).to_pylist()
+    assert fast.schema == rollup_sql(table, job).schema
+
+
+def test_committed_files_take_the_columnar_path_and_match_sql(tmp_path):
+    notes = [{"patient": f"p{i % 3}", "minutes": i % 4, "sex": "F", "age": 60 + i,
+              "answers": [{"status": "answered", "value_bool": i % 2 == 0, "value_num": float(i), "unit": unit,
+                           "evidence": f"q{i}", "grounding": "exact"}
+                          for unit in (None, None, None, "mg/dL", "g/dL", "kg", "%")]} for i in range(12)]
+    table = note_major(notes)
+    (tmp_path / "answers").mkdir()
+    pq.write_table(table.slice(0, 5 * len(QUESTIONS)), tmp_path / "answers" / "a.parquet")
+    pq.write_table(table.slice(5 * len(QUESTIONS)), tmp_path / "answers" / "b.parquet")
+    dataset, job = answers_dataset(str(tmp_path)), job_for(True, False)
+    fast = columnar_rollup(dataset, job, _schema_for(dataset, job))
+    assert fast is not None
+    assert fast.to_pylist() == rollup_sql(table, job).to_pylist() == rollup_answers(dataset, job).to_pylist()
+    assert fast.num_rows == 3 and fast["n_notes"].to_pylist() == [4, 4, 4]
+
+
+def _base() -> pa.Table:
+    return note_major([{"patient": "p1", "minutes": 1, "sex": "F", "age": 70,
+                        "answers": [{"status": "answered", "value_bool": True, "value_num": 1.0, "unit": None,
+                                     "evidence": None, "grounding": None}] * len(QUESTIONS)},
+                       {"patient": "p2", "minutes": 2, "sex": "M", "age": 71,
+                        "answers": [{"status": "not_in_note", "value_bool": None, "value_num": None, "unit": None,
+                                     "evidence": None, "grounding": None}] * len(QUESTIONS)}])
+
+
+@pytest.mark.parametrize("break_layout", [
+    lambda t: t.drop_columns(["row_number"]),                                      # not the engine's output
+    lambda t: t.take(list(range(1, t.num_rows)) + [0]),                           # a note's rows out of order
+    lambda t: t.slice(1),                                                          # a note missing a question
+    lambda t: t.set_column(t.schema.get_field_index("question_id"), "question_id",
+                           pa.array(["other"] + t["question_id"].to_pylist()[1:])),  # a question the job lacks
+    lambda t: t.set_column(t.schema.get_field_index("patient_id"), "patient_id",
+                           pa.array([None] + t["patient_id"].to_pylist()[1:], pa.string())),
+    lambda t: t.set_column(t.schema.get_field_index("note_id"), "note_id",
+                           pa.array(["x"] + t["note_id"].to_pylist()[1:])),         # two notes under one row number
+], ids=["no-row-number", "rotated", "short", "unknown-question", "null-patient", "split-note"])
+def test_other_layouts_fall_back_to_sql(break_layout):
+    job = job_for(False, False)
+    table = break_layout(_base())
+    assert columnar_rollup(table, job, _schema_for(table, job)) is None
+    assert rollup_answers(table, job).to_pylist() == rollup_sql(table, job).to_pylist()
