@@ -14,29 +14,17 @@ from engine.answers_db import answers_dataset
 from engine.job import JobSpec
 from engine.rollup import ANSWER_COLUMNS, _schema_for, rollup_answers, rollup_sql
 from engine.rollup_columnar import columnar_rollup
+from test_rollup import JOB
 
-QUESTIONS = [
-    {"id": "yn_any", "type": "yes_no", "absent": "no", "question": "Does the note say A?"},
-    {"id": "yn_unknown", "type": "yes_no", "question": "Does the note say B?"},
-    {"id": "yn_all", "type": "yes_no", "absent": "no", "rollup": "all", "question": "Does the note say C?"},
-    {"id": "crea_max", "type": "numeric", "rollup": "max", "question": "Highest creatinine?",
-     "unit": "mg/dL", "units": {"mg/dL": 1, "umol/L": 0.01131}},
-    {"id": "hb_min", "type": "numeric", "rollup": "min", "question": "Lowest hemoglobin?",
-     "unit": "g/dL", "units": {"g/dL": 1, "g/L": 0.1}},
-    {"id": "weight", "type": "numeric", "question": "Latest weight in kg?", "unit": "kg", "units": {"kg": 1}},
-    {"id": "lvef_min", "type": "numeric", "rollup": "min", "cap": 55, "question": "Lowest LVEF?",
-     "unit": "%", "units": {"%": 1}},
-]
+QUESTIONS = JOB.model_dump()["questions"]  # any/all yes_no, max/min/latest numeric with units and a cap
 T0 = datetime(2150, 1, 1)
 SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "row_number": pa.int64(),
                     "sex": pa.string(), "age": pa.int64()})
 
 
 def job_for(grounded: bool, fuzzy: bool) -> JobSpec:
-    return JobSpec.model_validate({
-        "name": "columnar-test", "input": {"uri": "x.parquet", "structured": ["sex", "age"]},
-        "output": {"uri": "out"}, "questions": QUESTIONS,
-        "review": {"require_grounded_evidence": grounded, "accept_fuzzy": fuzzy}})
+    return JobSpec.model_validate({**JOB.model_dump(), "review": {"require_grounded_evidence": grounded,
+                                                                  "accept_fuzzy": fuzzy}})
 
 
 ANSWER = st.fixed_dictionaries({
