@@ -40,14 +40,14 @@ class _Irregular(Exception):
 def columnar_rollup(answers, job: JobSpec, schema: pa.Schema) -> pa.Table | None:
     """The patient table of `answers` (a table or the committed files) for `job`, typed as `schema`; None when
     the answers are not in the engine's layout."""
+    from engine.rollup import ANSWER_COLUMNS
+
     names = answers.schema.names
-    required = ["patient_id", "note_id", "question_id", "status", "value_bool", "value_num", "unit", "evidence",
-                "row_number", *job.input.structured] + (["grounding"] if job.review.require_grounded_evidence else [])
-    if any(name not in names for name in required):
+    optional = ["charttime"] + ([] if job.review.require_grounded_evidence else ["grounding"])
+    wanted = [*ANSWER_COLUMNS, "grounding", "row_number", *job.input.structured]
+    if any(name not in names for name in wanted if name not in optional):
         return None
-    columns = required + (["charttime"] if "charttime" in names else [])
-    if "grounding" in names and "grounding" not in columns:
-        columns.append("grounding")
+    columns = [name for name in wanted if name in names]
     try:
         parts = _read_parts(answers, columns, job)
     except _Irregular:
@@ -119,8 +119,8 @@ def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
     row_number = pc.fill_null(table["row_number"], -1).to_numpy().reshape(n, q)
     if not (row_number == row_number[:, :1]).all() or table["patient_id"].null_count:
         raise _Irregular
-    notes = table.take(pa.array(np.arange(0, rows, q)))
     same = [name for name in ("patient_id", "note_id", "charttime") if name in table.column_names]
+    notes = table.select([*same, *job.input.structured]).take(pa.array(np.arange(0, rows, q)))
     lasts = table.select(same).take(pa.array(np.arange(q - 1, rows, q)))  # a note's first and last rows agree
     if not all(notes[name].equals(lasts[name]) for name in same):
         raise _Irregular
@@ -266,7 +266,7 @@ def _note_counts(pidx: np.ndarray, note_ids: pa.Array, patients: int) -> pa.Arra
 
 def _evidence(at: np.ndarray, evidence: pa.Array, rows: np.ndarray, shown: np.ndarray) -> pa.Array:
     """The evidence of answer rows `rows` (flat note * questions + question), null where not shown or empty."""
-    position = np.searchsorted(at, rows)
-    inside = position < at.size
-    found = inside & (at[np.minimum(position, max(at.size - 1, 0))] == rows) if at.size else np.zeros(rows.size, bool)
-    return evidence.take(pa.array(np.where(found, position, 0), mask=~(found & shown))) if at.size else pa.nulls(rows.size, pa.string())
+    if not at.size:
+        return pa.nulls(rows.size, pa.string())
+    position = np.minimum(np.searchsorted(at, rows), at.size - 1)
+    return evidence.take(pa.array(position, mask=~((at[position] == rows) & shown)))
