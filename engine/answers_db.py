@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from engine.errors import OutputError
+from engine.stages.generate import CUE_MODEL_NAME
 from engine.storage import filesystem, is_remote, join
 
 ANSWERS = "answers"
@@ -78,16 +79,22 @@ SELECT count(*) AS rows, {notes} AS notes, {patients} AS patients,
        count(*) FILTER (WHERE coalesce(completion_tokens, 0) > 0) AS generated,
        count(completion_tokens) AS model_outputs,
        count(*) FILTER (WHERE completion_tokens IS NOT NULL AND status = 'error'
-                        AND regexp_matches(coalesce(error, ''), '{unparsed}')) AS unparsed
+                        AND regexp_matches(coalesce(error, ''), '{unparsed}')) AS unparsed,
+       count({verified}) AS verified_checked, count(*) FILTER (WHERE {verified}) AS verified_passed,
+       count(*) FILTER (WHERE NOT {verified}) AS verified_failed,
+       count(*) FILTER (WHERE NOT {verified} AND {model} = '{cues}') AS verified_replaced
 FROM answers"""
 
-# One scan for the four breakdowns; `k` is the value, `g` which breakdown it belongs to.
+# One scan for the five breakdowns; `k` is the value, `g` which breakdown it belongs to. A failed verification
+# counts under its category (engine.stages.verify: the reason up to " (").
 _COUNTS_SQL = """
 SELECT CASE WHEN GROUPING(status) = 0 THEN 'status' WHEN GROUPING(error) = 0 THEN 'error'
-            WHEN GROUPING(grounding) = 0 THEN 'grounding' ELSE 'route' END AS g,
-       coalesce(status, error, grounding, route) AS k, count(*) AS n
-FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, grounding, route FROM answers)
-GROUP BY GROUPING SETS ((status), (error), (grounding), (route))
+            WHEN GROUPING(grounding) = 0 THEN 'grounding' WHEN GROUPING(failed) = 0 THEN 'verification'
+            ELSE 'route' END AS g,
+       coalesce(status, error, grounding, failed, route) AS k, count(*) AS n
+FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, grounding, route,
+             split_part({verification}, ' (', 1) AS failed FROM answers)
+GROUP BY GROUPING SETS ((status), (error), (grounding), (route), (failed))
 HAVING k IS NOT NULL
 ORDER BY g, n DESC, k"""
 
@@ -106,15 +113,20 @@ def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
     # truncated notes in the same scan: a subquery of its own here ran the scan twice in parallel (at 23M rows
     # +1.5 s and +1 GiB held by the driver, the run's peak); a filtered DISTINCT sees only the truncated rows
     truncated = "count(DISTINCT note_id) FILTER (WHERE truncated)"
-    sql = _TOTALS_SQL.format(notes=notes, patients=people, truncated=truncated, unparsed=UNPARSED_ERRORS)
+    verifies = "verified" in answers.schema.names  # answers written before verification have no such columns
+    sql = _TOTALS_SQL.format(notes=notes, patients=people, truncated=truncated, unparsed=UNPARSED_ERRORS,
+                             verified="verified" if verifies else "NULL::BOOLEAN", cues=CUE_MODEL_NAME,
+                             model="model" if verifies else "NULL::VARCHAR")
     totals = query_dicts(con, sql)[0]
-    counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}}
-    for row in query_dicts(con, _COUNTS_SQL):
+    counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}, "verification": {}}
+    counts = _COUNTS_SQL.format(verification="verification" if verifies else "NULL::VARCHAR")
+    for row in query_dicts(con, counts):
         counted[row["g"]][row["k"]] = row["n"]
     totals["by_status"] = counted["status"]
     totals["errors"] = counted["error"]
     totals["grounding"] = counted["grounding"]
     totals["by_route"] = counted["route"]
+    totals["verification_failures"] = counted["verification"]
     return totals
 
 

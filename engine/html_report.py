@@ -374,6 +374,27 @@ def grounding_section(report: dict | None, answers) -> str:
                     stacked_bars("grounding", rows, GROUNDING_COLOURS, GROUNDING_LABELS, "answers", "grounding-bar"))
 
 
+def verification_section(report: dict | None) -> str:
+    """Model answers checked against their notes (report.json `verification`): passed, failed by reason, and what
+    became of the failures (the cue answer kept in hybrid mode; patients held for review in model mode)."""
+    checked = (report or {}).get("verification") or {}
+    if not checked.get("model_answers_checked"):
+        return ""
+    figures = [("model answers checked", checked["model_answers_checked"]), ("passed", checked.get("passed", 0)),
+               ("failed", checked.get("failed", 0)), ("failed, cue answer kept", checked.get("cue_answer_kept", 0)),
+               ("patients held for review", checked.get("patients_held", 0))]
+    cards = "".join(f'<div class="figure"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v in figures)
+    reasons = checked.get("failed_by_reason") or {}
+    table = ""
+    if reasons:
+        body = "".join(f'<tr><td>{_e(k)}</td><td class="num">{v}</td></tr>' for k, v in reasons.items())
+        table = f'<table id="verification-failures"><tr><th>why it failed</th><th class="num">answers</th></tr>{body}</table>'
+    return _section("Model answers verified", "verification-section",
+                    "Every model answer is checked against its note before it may decide anything: its quote must be "
+                    "in the note, hold the value (numbers) and name what the question asks about.",
+                    f'<div class="figures">{cards}</div>{table}')
+
+
 def evaluation_section(evaluation: pa.Table, summary: dict) -> str:
     from engine.evaluate import DEFINITIONS, METRIC_NAMES, fmt, fmt_interval
 
@@ -421,6 +442,7 @@ def render_report(report: dict | None = None, answers=None, patients: pa.Table |
     if row_count(answers):
         sections.append(answer_sections(answers, job))
     sections.append(grounding_section(report, answers))
+    sections.append(verification_section(report))
     if evaluation is not None:
         sections.append(evaluation_section(*evaluation))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'

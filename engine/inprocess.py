@@ -1,4 +1,4 @@
-"""The pipeline's stages in this process, without Ray: read -> expand -> candidates -> generate -> parse -> ground.
+"""The pipeline's stages in this process, without Ray: read -> expand -> candidates -> generate -> parse -> ground -> verify.
 
 For cue-only (lexical) answers on small inputs, the candidate-recall figures of benchmarks/hybrid.py and the
 tests. The stages are the same functions the Ray pipeline maps over its batches; only the driver differs.
@@ -13,9 +13,8 @@ from engine.output import answer_schema, to_answer_table
 from engine.plan import make_plan
 from engine.stages.candidates import find_candidates
 from engine.stages.expand import expand_questions
+from engine.stages.answer import answer_rows
 from engine.stages.generate import GenerateAnswers
-from engine.stages.ground import ground_evidence
-from engine.stages.parse import parse_answers
 from engine.stages.read import plan_input, read_shards
 
 
@@ -46,6 +45,6 @@ def lexical_answers(job: JobSpec, limit: int | None = None) -> pa.Table:
     tables = []
     for shard in inputs.shards:
         rows = find_candidates(expand_questions(read_shards(job.input, [shard], inputs.schema), plan.question_ids), plan)
-        answered = ground_evidence(parse_answers(generate(rows), plan))
+        answered = answer_rows(generate(rows), plan)
         tables.append(to_answer_table(answered, schema, job.fingerprint()))
     return pa.concat_tables(tables)

@@ -158,6 +158,7 @@ class CriterionSpec(Strict):
 class ReviewSpec(Strict):
     require_grounded_evidence: bool = Field(False, description="An answered row whose evidence quote is not found in its note (grounding not_found, or no quote) cannot decide a criterion by itself: when such an answer is the one a patient's value rests on, the criteria that need it become unknown and the patient needs_review, with a reason naming the question.")
     accept_fuzzy: bool = Field(True, description="require_grounded_evidence only: a quote found approximately in the note (grounding fuzzy) counts as grounded.")
+    require_verified_answers: bool = Field(True, description="A model answer that fails its check against the note (answers/ `verified` false: the value is not in its quote, the quote is not in the note or names nothing the question asks about) cannot decide a criterion by itself: when a patient's value rests on it, the criteria that need it become unknown and the patient needs_review, with a reason naming the question. In hybrid mode such answers give way to the cue answer when they are made, so this matters for extraction mode model. Turn off only to measure what unchecked answers would decide.")
 
 
 class JobSpec(Strict):

@@ -44,6 +44,8 @@ ANSWER_COLUMNS: dict[str, pa.DataType] = {
     "evidence_start": pa.int32(),
     "evidence_end": pa.int32(),
     "grounding": pa.string(),
+    "verified": pa.bool_(),
+    "verification": pa.string(),
     "error": pa.string(),
     "route": pa.string(),
     "candidates": pa.int32(),

@@ -19,10 +19,9 @@ from engine.job import JobSpec
 from engine.output import OutputStore, answer_schema, to_answer_table
 from engine.plan import Plan, make_plan
 from engine.stages.candidates import find_candidates
+from engine.stages.answer import answer_rows
 from engine.stages.expand import expand_questions
 from engine.stages.generate import GenerateAnswers
-from engine.stages.ground import ground_evidence
-from engine.stages.parse import parse_answers
 from engine.stages.read import InputPlan, Shard, iter_notes, plan_input
 
 ACTOR_RESTARTS = 2  # a crashed engine actor is restarted by Ray and its batch retried this many times
@@ -93,8 +92,8 @@ PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("row
 
 
 class AnswerBatches(GenerateAnswers):
-    """The model actor: a batch of (note, question) rows -> generate -> parse -> ground -> answers/ rows, written to
-    the output by this actor.
+    """The model actor: a batch of (note, question) rows -> generate -> parse -> ground -> verify -> answers/ rows,
+    written to the output by this actor.
 
     Parsing and grounding cost about a microsecond a row against milliseconds of generation, and doing them here
     means the answers never travel back through the object store: the driver receives one small row per (batch,
@@ -114,7 +113,7 @@ class AnswerBatches(GenerateAnswers):
 
         started = time.perf_counter()
         cue_seconds = batch["cue_seconds"]
-        answered = ground_evidence(parse_answers(super().__call__(compact_text(batch)), self.plan))
+        answered = answer_rows(super().__call__(compact_text(batch)), self.plan)
         parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started,
                             self.expected)
         ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist()))

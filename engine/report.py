@@ -64,6 +64,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "top_errors": [{"error": e, "rows": n} for e, n in top_errors],
         "notes_truncated": totals["notes_truncated"],
         "grounding": totals["grounding"],
+        "verification": _verification(job, totals, patients),
         "prompt_tokens": prompt,
         "cached_prompt_tokens": cached,
         "computed_prompt_tokens": prompt - cached,
@@ -82,6 +83,39 @@ def _calls_saved(by_route: dict[str, int]) -> float | None:
     """Share of routed (note, question) pairs answered without the model (hybrid and lexical extraction)."""
     routed = sum(by_route.values())
     return round(1 - by_route.get("model", 0) / routed, 4) if routed else None
+
+
+def _verification(job: JobSpec, totals: dict, patients: pa.Table) -> dict:
+    """Model answers checked against their notes (engine.stages.verify): passed, failed by category, how many gave
+    way to the cue answer (hybrid), and the patients and criteria an unverified answer puts on hold (model mode)."""
+    flags = {c.id: f"{c.id}__unverified" for c in job.criteria if f"{c.id}__unverified" in patients.column_names}
+    held = pa.array([False] * patients.num_rows)
+    for column in flags.values():
+        held = pc.or_(held, patients[column].fill_null(False))
+    return {
+        "model_answers_checked": totals["verified_checked"],
+        "passed": totals["verified_passed"],
+        "failed": totals["verified_failed"],
+        "cue_answer_kept": totals["verified_replaced"],
+        "failed_by_reason": totals["verification_failures"],
+        "require_verified_answers": job.review.require_verified_answers,
+        "patients_held": int(pc.sum(held).as_py() or 0),
+        "criteria_held": {cid: int(pc.sum(patients[col].fill_null(False)).as_py() or 0) for cid, col in flags.items()},
+    }
+
+
+def cohort_section(patients: pa.Table, funnel: list[dict]) -> dict:
+    """report.json's `cohort`: patients per status and the funnel (criteria in job order)."""
+    return {"status": _status_counts(patients), "funnel": funnel}
+
+
+def with_rules_cohort(report: dict | None, job: JobSpec, patients: pa.Table, funnel: list[dict]) -> dict:
+    """report.json after `engine rules`: the run's figures as they were, `cohort` from the rules just applied (with
+    `rules_applied`, when). Without a report.json (e.g. --output to a new folder) a minimal one: job and cohort."""
+    report = dict(report) if report else {"job": job.name, "job_fingerprint": job.fingerprint(), "engine_version": __version__,
+                                          "patients": patients.num_rows}
+    report["cohort"] = cohort_section(patients, funnel) | {"rules_applied": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return report
 
 
 def _status_counts(patients: pa.Table) -> dict[str, int]:

@@ -12,9 +12,12 @@ Per-note value of an answer row:
 Roll-ups (NULL = unknown): `any` Kleene OR, `all` Kleene AND, `max`/`min` over known values, `latest` the
 known value of the latest note by charttime (notes without a charttime count as oldest).
 
-Grounding (job `review.require_grounded_evidence`): an answered row counts as grounded when its evidence quote
-was found in the note (`exact`, or `fuzzy` with `accept_fuzzy`). Grounded rows win ties; when the winning row
-is not grounded the value is unknown (NULL), its note id and quote stay, and `<question>__ungrounded` is true.
+Trust. An answered row is trusted unless (job `review.require_grounded_evidence`) its evidence quote was not
+found in the note (`exact`, or `fuzzy` with `accept_fuzzy`, count as found), or (job
+`review.require_verified_answers`, on by default) it is a model answer that failed its check against the note
+(`verified` false, engine.stages.verify; a row whose cue answer stood in hybrid mode has `model` = 'cues' and is
+trusted). Trusted rows win ties; when the winning row is not trusted the value is unknown (NULL), its note id and
+quote stay, and `<question>__ungrounded` / `<question>__unverified` say why.
 
 `answers` may be a table or the committed files (a pyarrow dataset, engine.answers_db): DuckDB reads only the
 columns roll-up needs, and aggregates the patients in passes of about PASS_ROWS answer rows each (by patient
@@ -36,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.job import JobSpec, QuestionSpec
+from engine.stages.generate import CUE_MODEL_NAME
 from engine.units import conversion_factor
 
 PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
@@ -58,7 +62,7 @@ _WINNER_KEY = f"""struct_pack(
       WHEN 'any' THEN CASE WHEN vb THEN 2 WHEN vb IS NULL THEN 1 ELSE 0 END
       WHEN 'all' THEN CASE WHEN NOT vb THEN 2 WHEN vb IS NULL THEN 1 ELSE 0 END END, '-inf'::DOUBLE),
   k2 := CASE WHEN rollup = 'latest' THEN coalesce(epoch_us(charttime), {_NEVER}) ELSE 0 END,
-  k3 := answered, k3g := grounded, k4 := coalesce(epoch_us(charttime), {_NEVER}), k5 := coalesce(note_id, ''))"""
+  k3 := answered, k3g := trusted, k4 := coalesce(epoch_us(charttime), {_NEVER}), k5 := coalesce(note_id, ''))"""
 
 
 def patient_schema(job: JobSpec, structured_types: Mapping[str, pa.DataType] | None = None) -> pa.Schema:
@@ -75,6 +79,8 @@ def patient_schema(job: JobSpec, structured_types: Mapping[str, pa.DataType] | N
         fields += [pa.field(f"{q.id}__note_id", pa.string()), pa.field(f"{q.id}__evidence", pa.string())]
         if job.review.require_grounded_evidence:
             fields.append(pa.field(f"{q.id}__ungrounded", pa.bool_()))
+        if job.review.require_verified_answers:
+            fields.append(pa.field(f"{q.id}__unverified", pa.bool_()))
     return pa.schema(fields)
 
 
@@ -82,7 +88,8 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
     """One row per patient (sorted by patient_id) with the rolled-up value of every question.
 
     `answers` (a pyarrow Table or Dataset) has one row per (note, question): ANSWER_COLUMNS plus the job's
-    structured columns (and `grounding` when the job requires grounded evidence). Rows for question ids the
+    structured columns (and `grounding` when the job requires grounded evidence; `verified` and `model` where
+    the answers have them: answers written before verification have not, and count as verified). Rows for question ids the
     job does not ask are ignored, but their notes still count in `n_notes`.
     """
     from engine.rollup_columnar import columnar_rollup
@@ -144,8 +151,9 @@ def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpe
     charttime may be absent (all NULL: every note counts as oldest); so may grounding unless the job requires it.
     """
     grounded = job.review.require_grounded_evidence
-    optional = {"charttime": "NULL::TIMESTAMP", **({} if grounded else {"grounding": "NULL::VARCHAR"})}
-    needed = [*ANSWER_COLUMNS, "grounding", *job.input.structured]
+    optional = {"charttime": "NULL::TIMESTAMP", "verified": "NULL::BOOLEAN", "model": "NULL::VARCHAR",
+                **({} if grounded else {"grounding": "NULL::VARCHAR"})}
+    needed = [*ANSWER_COLUMNS, "grounding", "verified", "model", *job.input.structured]
     missing = [name for name in needed if name not in schema.names and name not in optional]
     if missing:
         raise ValueError(f"answers table lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
@@ -155,7 +163,8 @@ def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpe
     select = ", ".join(_ident(n) if n in schema.names else f"{optional[n]} AS {_ident(n)}" for n in needed)
     con.sql(f"CREATE TEMP VIEW answers AS SELECT {select} FROM answers_in")
     accepted = ["exact", "fuzzy"] if job.review.accept_fuzzy else ["exact"]
-    con.register("grounding_rule", pa.table({"required": [grounded], "accepted": [accepted]}))
+    con.register("grounding_rule", pa.table({"required": [grounded], "accepted": [accepted],
+                                             "verified_required": [job.review.require_verified_answers]}))
 
 
 def _question_table(job: JobSpec) -> pa.Table:
@@ -197,13 +206,14 @@ def _winners_sql() -> str:
     """
     return f"""
 WITH rows AS ({_row_values_sql()}),
-won AS (SELECT patient_id, qidx, arg_max(struct_pack(vb, vn, sv, grounded, note_id, evidence), {_WINNER_KEY}) AS w
+won AS (SELECT patient_id, qidx, arg_max(struct_pack(vb, vn, sv, trusted, grounded, verified, note_id, evidence),
+                                          {_WINNER_KEY}) AS w
         FROM rows WHERE sv IS NOT NULL OR rollup IN ('any', 'all') GROUP BY ALL)
 SELECT p.pidx, won.qidx,
-       CASE WHEN w.grounded THEN w.vb END AS vb, CASE WHEN w.grounded THEN w.vn END AS vn,
+       CASE WHEN w.trusted THEN w.vb END AS vb, CASE WHEN w.trusted THEN w.vn END AS vn,
        CASE WHEN w.sv IS NOT NULL THEN w.note_id END AS note_id,
        CASE WHEN w.sv IS NOT NULL THEN w.evidence END AS evidence,
-       w.sv IS NOT NULL AND NOT w.grounded AS ungrounded
+       w.sv IS NOT NULL AND NOT w.grounded AS ungrounded, w.sv IS NOT NULL AND NOT w.verified AS unverified
 FROM won JOIN patients p USING (patient_id)"""
 
 
@@ -226,17 +236,21 @@ def _pivot(winners: pa.Table, n_patients: int, job: JobSpec) -> dict[str, pa.Arr
         columns[f"{q.id}__evidence"] = winners["evidence"].take(index)
         if job.review.require_grounded_evidence:
             columns[f"{q.id}__ungrounded"] = winners["ungrounded"].take(index).fill_null(False)
+        if job.review.require_verified_answers:
+            columns[f"{q.id}__unverified"] = winners["unverified"].take(index).fill_null(False)
     return columns
 
 
 def _row_values_sql() -> str:
     """Each answer row with its per-note value: vb (yes_no), vn (numeric, canonical), sv (sortable)."""
-    return """
-  SELECT *, coalesce(vn, vb::DOUBLE) AS sv FROM (
+    return f"""
+  SELECT *, coalesce(vn, vb::DOUBLE) AS sv, grounded AND verified AS trusted FROM (
     SELECT a.patient_id, a.note_id, q.qidx, a.charttime, a.evidence, q.rollup,
            coalesce(a.status = 'answered', FALSE) AS answered,
            CASE WHEN NOT g.required OR a.status IS DISTINCT FROM 'answered' THEN TRUE
                 ELSE coalesce(list_contains(g.accepted, a.grounding), FALSE) END AS grounded,
+           NOT coalesce(g.verified_required AND a.status = 'answered' AND a.verified IS FALSE
+                        AND a.model IS DISTINCT FROM '{CUE_MODEL_NAME}', FALSE) AS verified,
            CASE WHEN q.qtype = 'yes_no' THEN CASE
                WHEN a.status = 'answered' THEN a.value_bool
                WHEN a.status = 'not_in_note' AND q.absent_no THEN FALSE END END AS vb,

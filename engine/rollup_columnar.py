@@ -25,12 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.job import JobSpec
+from engine.stages.generate import CUE_MODEL_NAME
 from engine.units import conversion_factor
 
 RANK_BITS = 40  # a note's rank (by charttime, then note id) fills the low bits of a key: up to 2^40 notes
 RANK_MASK = (1 << RANK_BITS) - 1
 NEVER = -(2**63) + 1  # a note without charttime counts as the oldest (as in the SQL)
-DICTIONARY_COLUMNS = ["question_id", "status", "unit", "grounding"]
+DICTIONARY_COLUMNS = ["question_id", "status", "unit", "grounding", "model"]
 
 
 class _Irregular(Exception):
@@ -43,8 +44,8 @@ def columnar_rollup(answers, job: JobSpec, schema: pa.Schema) -> pa.Table | None
     from engine.rollup import ANSWER_COLUMNS
 
     names = answers.schema.names
-    optional = ["charttime"] + ([] if job.review.require_grounded_evidence else ["grounding"])
-    wanted = [*ANSWER_COLUMNS, "grounding", "row_number", *job.input.structured]
+    optional = ["charttime", "verified", "model"] + ([] if job.review.require_grounded_evidence else ["grounding"])
+    wanted = [*ANSWER_COLUMNS, "grounding", "verified", "model", "row_number", *job.input.structured]
     if any(name not in names for name in wanted if name not in optional):
         return None
     columns = [name for name in wanted if name in names]
@@ -66,7 +67,7 @@ def _read_parts(answers, columns: list[str], job: JobSpec) -> list[dict]:
 
     def read(fragment) -> dict:  # ParquetFile: about half the time of a dataset fragment's scan for a small file
         with fragment.filesystem.open_input_file(fragment.path) as source:
-            file = pq.ParquetFile(source, read_dictionary=DICTIONARY_COLUMNS)
+            file = pq.ParquetFile(source, read_dictionary=[c for c in DICTIONARY_COLUMNS if c in columns])
             table = file.read(columns=columns, use_threads=False)
         return _note_matrix(table, job, factors)
 
@@ -135,6 +136,13 @@ def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
         grounded = ~answered | found
     else:
         grounded = np.ones((n, q), dtype=bool)
+    verified = np.ones((n, q), dtype=bool)
+    if job.review.require_verified_answers and "verified" in table.column_names:
+        failed = pc.fill_null(pc.invert(table["verified"]), False).to_numpy(zero_copy_only=False).reshape(n, q)
+        if "model" in table.column_names:
+            mcodes, models = _codes(table["model"])
+            failed &= ~_flags(mcodes, models, lambda v: v == CUE_MODEL_NAME).reshape(n, q)
+        verified = ~(answered & failed)
 
     value_bool = table["value_bool"]
     vb_value = pc.fill_null(value_bool, False).to_numpy(zero_copy_only=False).reshape(n, q)
@@ -165,7 +173,7 @@ def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
     evidence = table["evidence"].combine_chunks()
     present = np.flatnonzero(evidence.is_valid().to_numpy(zero_copy_only=False))
     charttime = _micros(notes["charttime"]) if "charttime" in notes.column_names else np.full(n, NEVER, dtype=np.int64)
-    return {"n": n, "answered": answered, "grounded": grounded, "vb": vb, "vn": vn,
+    return {"n": n, "answered": answered, "grounded": grounded, "verified": verified, "vb": vb, "vn": vn,
             "patient_id": notes["patient_id"], "note_id": notes["note_id"], "charttime": charttime,
             "structured": {c: notes[c] for c in job.input.structured},
             "evidence_at": present, "evidence": evidence.take(pa.array(present))}
@@ -182,6 +190,8 @@ def _roll_up(parts: list[dict], job: JobSpec, schema: pa.Schema, answers_schema:
     offsets = np.cumsum([0] + [p["n"] for p in parts])
     answered = np.concatenate([p["answered"] for p in parts])
     grounded = np.concatenate([p["grounded"] for p in parts])
+    verified = np.concatenate([p["verified"] for p in parts])
+    trusted = grounded & verified
     vb = np.concatenate([p["vb"] for p in parts])
     vn = np.concatenate([p["vn"] for p in parts])
     evidence_at = np.concatenate([p["evidence_at"] + offsets[i] * q for i, p in enumerate(parts)])
@@ -217,7 +227,7 @@ def _roll_up(parts: list[dict], job: JobSpec, schema: pa.Schema, answers_schema:
     numeric_column = {j: k for k, j in enumerate(j for j, qs in enumerate(questions) if qs.type == "numeric")}
     for j, qs in enumerate(questions):
         how = qs.effective_rollup
-        a, g = answered[by_patient, j].astype(np.int64), grounded[by_patient, j].astype(np.int64)
+        a, g = answered[by_patient, j].astype(np.int64), trusted[by_patient, j].astype(np.int64)
         if qs.type == "yes_no":
             sv = vb[:, j].astype(np.float64)
             sv[vb[:, j] < 0] = np.nan
@@ -241,18 +251,20 @@ def _roll_up(parts: list[dict], job: JobSpec, schema: pa.Schema, answers_schema:
             best = np.maximum.reduceat(np.where(tied, ((a * 2 + g) << RANK_BITS) | srank, -1), starts)
             known = has
         winner = by_time[np.where(has, best & RANK_MASK, 0)]
-        won_grounded = ((best >> RANK_BITS) & 1).astype(bool) & has
+        won_trusted = ((best >> RANK_BITS) & 1).astype(bool) & has
         shown = known & has
         if qs.type == "yes_no":
             value = vb[winner, j]
-            out[qs.id] = pa.array(value == 1, mask=~(shown & won_grounded) | (value < 0))
+            out[qs.id] = pa.array(value == 1, mask=~(shown & won_trusted) | (value < 0))
         else:
             value = vn[winner, numeric_column[j]]
-            out[qs.id] = pa.array(value, mask=~(shown & won_grounded) | np.isnan(value))
+            out[qs.id] = pa.array(value, mask=~(shown & won_trusted) | np.isnan(value))
         out[f"{qs.id}__note_id"] = note_ids.take(pa.array(winner, mask=~shown))
         out[f"{qs.id}__evidence"] = _evidence(evidence_at, evidence, winner * q + j, shown)
         if job.review.require_grounded_evidence:
-            out[f"{qs.id}__ungrounded"] = pa.array(shown & ~won_grounded)
+            out[f"{qs.id}__ungrounded"] = pa.array(shown & ~grounded[winner, j])
+        if job.review.require_verified_answers:
+            out[f"{qs.id}__unverified"] = pa.array(shown & ~verified[winner, j])
     return pa.table(out).select(schema.names).cast(schema)
 
 

@@ -60,9 +60,12 @@ def apply_rules(patients: pa.Table, job: JobSpec) -> pa.Table:
     reasons: the ids of the criteria that decided a non-eligible status, in job order. Raises JobError
     if a rule does not check against this table.
 
-    With `review.require_grounded_evidence`, a criterion that is unknown while a question it needs rests on
-    ungrounded evidence (roll-up's `<question>__ungrounded`) needs review whatever its `unknown:` says; its
-    reason reads "<criterion>: <question(s)> evidence not found in note" and `<criterion>__ungrounded` is true.
+    A criterion that is unknown while a question it needs rests on an answer held back by the review settings
+    needs review whatever its `unknown:` says: with `review.require_grounded_evidence` ungrounded evidence
+    (roll-up's `<question>__ungrounded`; reason "<criterion>: <question(s)> evidence not found in note",
+    `<criterion>__ungrounded` true), with `review.require_verified_answers` a model answer that failed its check
+    against the note (`<question>__unverified`; reason "<criterion>: <question(s)> model answer not verified
+    against the note", `<criterion>__unverified` true).
     """
     con = sandbox()
     numbered = patients.append_column("__row", pa.array(np.arange(patients.num_rows), pa.int64()))
@@ -70,7 +73,7 @@ def apply_rules(patients: pa.Table, job: JobSpec) -> pa.Table:
     if problems:
         raise JobError("rules", problems)
     relation.create_view("ruled")
-    added = con.sql(f"SELECT {_decision_sql(job, _ungrounded_sql(con, job))} FROM ruled ORDER BY __row").to_arrow_table()
+    added = con.sql(f"SELECT {_decision_sql(job, _held_sql(con, job))} FROM ruled ORDER BY __row").to_arrow_table()
     added = added.set_column(added.schema.get_field_index("reasons"), "reasons",
                              added["reasons"].cast(pa.list_(pa.string())))
     for name in added.column_names:
@@ -246,14 +249,14 @@ def _try_type(relation: duckdb.DuckDBPyRelation, expr: duckdb.Expression, path: 
     return None
 
 
-def _decision_sql(job: JobSpec, ungrounded: dict[str, tuple[str, str]] | None = None) -> str:
+def _decision_sql(job: JobSpec, held: dict[str, list[tuple[str, str, str]]] | None = None) -> str:
     """Derived columns, per-criterion state, status and reasons: SQL over identifiers only, never user text.
 
-    `ungrounded`: per criterion, (condition, reason) SQL for "unknown because its evidence is not grounded"
-    (_ungrounded_sql); such a criterion needs review whatever its `unknown:` says.
+    `held`: per criterion, (flag suffix, condition, reason) SQL for each way it can be "unknown because an answer
+    it needs is held back" (_held_sql); such a criterion needs review whatever its `unknown:` says.
     """
-    ungrounded = ungrounded or {}
-    flag = {c.id: ungrounded.get(c.id, ("FALSE", ""))[0] for c in job.criteria}
+    held = held or {}
+    flag = {c.id: " OR ".join(cond for _, cond, _ in held.get(c.id, [])) or "FALSE" for c in job.criteria}
     raw = {c.id: f'"__rule_{_checked(c.id)}"' for c in job.criteria}
     states = [f"CASE WHEN {raw[c.id]} THEN 'met' WHEN NOT {raw[c.id]} THEN 'not_met' ELSE 'unknown' END AS \"{c.id}\""
               for c in job.criteria]
@@ -261,32 +264,46 @@ def _decision_sql(job: JobSpec, ungrounded: dict[str, tuple[str, str]] | None = 
             f"IS {'TRUE' if c.kind == 'exclusion' else 'FALSE'}" for c in job.criteria]
     review = [f"({raw[c.id]} IS NULL AND ({c.unknown == 'needs_review'} OR {flag[c.id]}))" for c in job.criteria]
     ids = [f"'{_checked(c.id)}'" for c in job.criteria]
-    review_ids = [f"CASE WHEN {ungrounded[c.id][0]} THEN {ungrounded[c.id][1]} ELSE {i} END" if c.id in ungrounded else i
-                  for c, i in zip(job.criteria, ids, strict=True)]
+    review_ids = [_held_reason(held.get(c.id, []), i) for c, i in zip(job.criteria, ids, strict=True)]
     any_excl, any_review = " OR ".join(excl) or "FALSE", " OR ".join(review) or "FALSE"
     status = f"CASE WHEN {any_excl} THEN 'excluded' WHEN {any_review} THEN 'needs_review' ELSE 'eligible' END AS status"
     reasons = (f"CASE WHEN {any_excl} THEN {_pick(ids, excl)} WHEN {any_review} THEN {_pick(review_ids, review)} "
                f"ELSE []::VARCHAR[] END AS reasons")
     derived = [f'"{_checked(d.id)}"' for d in job.derived]
-    flags = [f'{ungrounded[c.id][0]} AS "{c.id}__ungrounded"' for c in job.criteria if c.id in ungrounded]
+    flags = [f'{cond} AS "{c.id}__{suffix}"' for c in job.criteria for suffix, cond, _ in held.get(c.id, [])]
     return ", ".join([*derived, *states, status, reasons, *flags])
 
 
-def _ungrounded_sql(con: duckdb.DuckDBPyConnection, job: JobSpec) -> dict[str, tuple[str, str]]:
-    """Per criterion, when the job requires grounded evidence: (is it unknown on ungrounded evidence, its reason)."""
-    if not job.review.require_grounded_evidence:
+def _held_reason(ways: list[tuple[str, str, str]], plain_id: str) -> str:
+    """The reason of a held criterion: the first way it is held, else its plain id."""
+    if not ways:
+        return plain_id
+    return "CASE " + " ".join(f"WHEN {cond} THEN {reason}" for _, cond, reason in ways) + f" ELSE {plain_id} END"
+
+
+HOLDS = (  # (review setting, roll-up flag suffix, reason after the question ids)
+    ("require_grounded_evidence", "ungrounded", "evidence not found in note"),
+    ("require_verified_answers", "unverified", "model answer not verified against the note"),
+)
+
+
+def _held_sql(con: duckdb.DuckDBPyConnection, job: JobSpec) -> dict[str, list[tuple[str, str, str]]]:
+    """Per criterion, for each review setting that is on: (flag suffix, is it unknown on a held answer, reason)."""
+    active = [(suffix, reason) for setting, suffix, reason in HOLDS if getattr(job.review, setting)]
+    if not active:
         return {}
     needs = question_dependencies(con, job)
-    result = {}
+    result: dict[str, list[tuple[str, str, str]]] = {}
     for c in job.criteria:
-        flags = [(q, f'"{_checked(q)}__ungrounded"') for q in needs[c.id]]
-        if not flags:
-            result[c.id] = ("FALSE", f"'{_checked(c.id)}'")
-            continue
-        named = ", ".join(f"CASE WHEN {f} THEN '{q}' END" for q, f in flags)
-        questions = f"array_to_string([x FOR x IN list_value({named}) IF x IS NOT NULL], ', ')"
-        condition = f'("__rule_{_checked(c.id)}" IS NULL AND ({" OR ".join(f for _, f in flags)}))'
-        result[c.id] = (condition, f"'{_checked(c.id)}: ' || {questions} || ' evidence not found in note'")
+        for suffix, reason in active:
+            flags = [(q, f'"{_checked(q)}__{suffix}"') for q in needs[c.id]]
+            if not flags:
+                result.setdefault(c.id, []).append((suffix, "FALSE", f"'{_checked(c.id)}'"))
+                continue
+            named = ", ".join(f"CASE WHEN {f} THEN '{q}' END" for q, f in flags)
+            questions = f"array_to_string([x FOR x IN list_value({named}) IF x IS NOT NULL], ', ')"
+            condition = f'("__rule_{_checked(c.id)}" IS NULL AND ({" OR ".join(f for _, f in flags)}))'
+            result.setdefault(c.id, []).append((suffix, condition, f"'{_checked(c.id)}: ' || {questions} || ' {reason}'"))
     return result
 
 

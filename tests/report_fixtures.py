@@ -50,7 +50,9 @@ def gold_answers(job: JobSpec, notes: int | None = None) -> pa.Table:
         "value_bool": pc.if_else(answered, rows["value_bool"], pa.scalar(None, pa.bool_())),
         "value_num": rows["value_num"], "unit": rows["unit"], "evidence": quote,
         "evidence_start": pa.array([0] * n, pa.int32()), "evidence_end": pa.array([10] * n, pa.int32()),
-        "grounding": pc.if_else(answered, grounding, pa.scalar(None, pa.string())), "error": pa.nulls(n, pa.string()),
+        "grounding": pc.if_else(answered, grounding, pa.scalar(None, pa.string())),
+        "verified": pc.if_else(answered, True, pa.scalar(None, pa.bool_())), "verification": pa.nulls(n, pa.string()),
+        "error": pa.nulls(n, pa.string()),
         "route": pa.array(["model"] * n), "candidates": pa.array([1] * n, pa.int32()), "cue_flags": pa.nulls(n, pa.string()),
         "model": pa.array(["gold"] * n), "truncated": pa.array([False] * n), "prompt_tokens": pa.array([1000] * n, pa.int32()),
         "cached_tokens": pa.array([900] * n, pa.int32()), "completion_tokens": pa.array([12] * n, pa.int32()),
@@ -66,6 +68,22 @@ def with_errors(answers: pa.Table, count: int) -> pa.Table:
     numeric = [i for i, r in enumerate(rows) if r["status"] == "answered" and r["value_num"] is not None][:count]
     for i in numeric:
         rows[i].update(status="error", value_num=None, unit=None, evidence=None, grounding=None, error=ERROR_REASON)
+    return pa.Table.from_pylist(rows, schema=answers.schema)
+
+
+def with_unverified(answers: pa.Table, kept: int, replaced: int) -> pa.Table:
+    """Model answers that failed their check against the note. The first `kept` answered creatinine_max rows stay as
+    the model said (model mode), raised to 9.9 mg/dL so that each is its patient's highest value; the first
+    `replaced` answered rows of other numeric questions carry the cue answer that stood in for them (hybrid)."""
+    rows = answers.to_pylist()
+    answered = [i for i, r in enumerate(rows) if r["status"] == "answered" and r["value_num"] is not None]
+    creatinine = [i for i in answered if rows[i]["question_id"] == "creatinine_max"][:kept]
+    others = [i for i in answered if rows[i]["question_id"] != "creatinine_max"][:replaced]
+    reason = "value not in evidence quote (model: 9.9 mg/dL, quote: 'creatinine')"
+    for i in creatinine:
+        rows[i].update(value_num=9.9, unit="mg/dL", verified=False, verification=reason)
+    for i in others:
+        rows[i].update(verified=False, model="cues", verification=f"{reason}; the cue answer stands")
     return pa.Table.from_pylist(rows, schema=answers.schema)
 
 

@@ -63,23 +63,25 @@ def _original_span(start: int, length: int, offsets: list[int], text: str) -> tu
     return offsets[start], end
 
 
-def ground_evidence(batch: pa.Table) -> pa.Table:
-    """Only rows with a quote are looked at; the note text is read through its dictionary (once per note)."""
+def ground_evidence(batch: pa.Table, keep_text: bool = False) -> pa.Table:
+    """Only rows with a quote are looked at; the note text is read through its dictionary (once per note).
+    The text column is dropped unless `keep_text` (verify reads it next)."""
     n = batch.num_rows
     starts, ends, statuses = [None] * n, [None] * n, [None] * n
     evidence = batch["evidence"].combine_chunks()
     quoted = pc.indices_nonzero(pc.fill_null(pc.greater(pc.utf8_length(evidence), 0), False)).to_pylist()
     if quoted:
-        text_of = _text_lookup(batch["text"].combine_chunks())
+        text_of = text_lookup(batch["text"].combine_chunks())
         quotes = evidence.take(pa.array(quoted)).to_pylist()
         for row, quote in zip(quoted, quotes):
             starts[row], ends[row], statuses[row] = locate(quote, text_of(row))
     for name, values in zip(GROUNDING_COLUMNS, (starts, ends, statuses)):
         batch = batch.append_column(name, pa.array(values, GROUNDING_COLUMNS[name]))
-    return batch.drop_columns(["text"])
+    return batch if keep_text else batch.drop_columns(["text"])
 
 
-def _text_lookup(text: pa.Array):
+def text_lookup(text: pa.Array):
+    """Row -> note text of a (possibly dictionary-encoded) text column."""
     if pa.types.is_dictionary(text.type):
         indices, dictionary = text.indices, text.dictionary
         return lambda row: dictionary[indices[row].as_py()].as_py()

@@ -25,11 +25,11 @@ def render_messages(note_text: str, question: PlannedQuestion, hint: str = "") -
     """Chat messages for one (note, question). Everything up to QUESTION_HEADER is identical across questions;
     `hint` (hybrid mode: the cue mentions and their context flags) goes after the question."""
     hint = f"\n({hint})" if hint else ""
-    user = f"{NOTE_HEADER}{note_text}{QUESTION_HEADER}{question.spec.question}{_unit_hint(question)}{hint}"
+    user = f"{NOTE_HEADER}{note_text}{QUESTION_HEADER}{question.spec.question}{unit_hint(question)}{hint}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def _unit_hint(question: PlannedQuestion) -> str:
+def unit_hint(question: PlannedQuestion) -> str:
     if question.spec.type != "numeric":
         return ""
     return f" (unit: {' or '.join(question.spec.units)})"

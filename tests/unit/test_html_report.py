@@ -22,6 +22,7 @@ from report_fixtures import (
     ROOT,
     gold_answers,
     with_errors,
+    with_unverified,
     write_output_folder,
 )
 
@@ -191,3 +192,26 @@ def test_histogram_values_are_converted_like_to_canonical(job):
     assert [None if not np.isfinite(g) else pytest.approx(g) for g in got] == expected
     capped = canonical_values(np.array([60.0, 30.0]), pa.chunked_array([pa.array([None, "%"])]), job.question("lvef_min"))
     assert capped.tolist() == [55.0, 30.0]
+
+
+def test_failed_model_answers_are_counted_and_shown(job, tmp_path):
+    """report.json and the page count the model answers that failed their check, by reason and by what became of
+    them; a patient whose value rests on a kept failure is held for review."""
+    answers = with_unverified(gold_answers(job, notes=NOTES), kept=3, replaced=2)
+    store, report, patients = write_output_folder(tmp_path, job, answers)
+    write_report_html(store, job)
+    checked = report["verification"]
+    answered = sum(1 for r in answers.to_pylist() if r["verified"] is not None)
+    assert (checked["model_answers_checked"], checked["failed"], checked["cue_answer_kept"]) == (answered, 5, 2)
+    assert checked["passed"] == answered - 5 and checked["failed_by_reason"] == {"value not in evidence quote": 5}
+    held = [p for p in patients.to_pylist() if p["exc_creatinine__unverified"]]
+    kept = {r["patient_id"] for r in answers.to_pylist() if r["verified"] is False and r["model"] != "cues"}
+    assert {p["patient_id"] for p in held} == kept and checked["patients_held"] == len(held)
+    assert checked["criteria_held"]["exc_creatinine"] == len(held) > 0
+    assert all(p["creatinine_max"] is None and p["exc_creatinine"] == "unknown" for p in held)  # 9.9 would exclude
+    assert all(any(r.startswith("exc_creatinine: creatinine_max model answer not verified") for r in p["reasons"])
+               or p["status"] == "excluded" for p in held)
+    page = Marks((tmp_path / REPORT_HTML).read_text(encoding="utf-8"))
+    assert page.by_id("verification-section") is not None and page.by_id("verification-failures") is not None
+    text = "".join(page.text)
+    assert "value not in evidence quote" in text and f"{answered}model answers checked" in text

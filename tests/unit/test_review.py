@@ -128,3 +128,57 @@ def test_the_report_counts_ungrounded_answers_and_the_patients_they_hold(tmp_pat
     assert held["patients_needs_review"] == sum(r["status"] == "needs_review" for r in on_hold) > 0
     reasons = [x for r in patients.to_pylist() for x in r["reasons"] if "evidence not found in note" in x]
     assert reasons and all(x.split(": ")[0] in flags for x in reasons)
+
+
+# --- review.require_verified_answers: a model answer that failed its check against the note -------------------------
+VERIFY_SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "verified": pa.bool_(), "model": pa.string(),
+                           "age": pa.int64()})
+
+
+def checked(question: str, note: str, value, verified: bool | None, model: str = "m", **more) -> dict:
+    return {**row(question, note, "exact", value, **more), "verified": verified, "model": model}
+
+
+def decide_verified(job: JobSpec, *rows: dict) -> dict:
+    patients, _ = screen(pa.Table.from_pylist(list(rows), schema=VERIFY_SCHEMA), job)
+    assert patients.num_rows == 1
+    return patients.to_pylist()[0]
+
+
+def verified_job(require: bool = True) -> JobSpec:
+    spec = make_job(require=False).model_dump()
+    spec["review"]["require_verified_answers"] = require
+    return JobSpec.model_validate(spec)
+
+
+def test_an_unverified_model_value_cannot_decide_and_the_patient_needs_review():
+    out = decide_verified(verified_job(), checked("af", "n1", True, True), checked("crea", "n1", 103.1, False))
+    assert out["crea"] is None and out["crea__unverified"] is True and out["crea__note_id"] == "n1"
+    assert (out["exc_crea"], out["status"]) == ("unknown", "needs_review")  # its unknown: not_met does not decide it
+    assert out["reasons"] == ["exc_crea: crea model answer not verified against the note"]
+    assert out["exc_crea__unverified"] is True and out["inc_af__unverified"] is False
+
+
+def test_a_verified_value_wins_over_an_unverified_one_of_another_note_only_by_value():
+    """max: the unverified 3.1 is the highest, so the patient's value rests on it and is held; a verified 3.4 wins."""
+    held = decide_verified(verified_job(), checked("af", "n1", True, True), checked("crea", "n1", 1.0, True),
+                           checked("crea", "n2", 3.1, False))
+    assert held["crea"] is None and held["status"] == "needs_review"
+    decided = decide_verified(verified_job(), checked("af", "n1", True, True), checked("crea", "n1", 3.4, True),
+                              checked("crea", "n2", 3.1, False))
+    assert (decided["crea"], decided["crea__unverified"], decided["status"]) == (3.4, False, "excluded")
+
+
+def test_a_cue_answer_that_stood_in_for_a_failed_model_answer_decides():
+    out = decide_verified(verified_job(), checked("af", "n1", True, False, model="cues"), checked("crea", "n1", 1.0, None, model="cues"))
+    assert (out["af"], out["af__unverified"], out["status"]) == (True, False, "eligible")
+
+
+def test_off_an_unverified_answer_decides_as_before():
+    out = decide_verified(verified_job(require=False), checked("af", "n1", True, True), checked("crea", "n1", 3.1, False))
+    assert (out["crea"], out["status"]) == (3.1, "excluded") and "crea__unverified" not in out
+
+
+def test_answers_written_before_verification_count_as_verified():
+    out = decide(verified_job(), row("af", "n1", "exact", True), row("crea", "n1", "exact", 3.1))
+    assert (out["crea"], out["crea__unverified"], out["status"]) == (3.1, False, "excluded")

@@ -18,13 +18,14 @@ from test_rollup import JOB
 
 QUESTIONS = JOB.model_dump()["questions"]  # any/all yes_no, max/min/latest numeric with units and a cap
 T0 = datetime(2150, 1, 1)
-SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "row_number": pa.int64(),
-                    "sex": pa.string(), "age": pa.int64()})
+SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "verified": pa.bool_(), "model": pa.string(),
+                    "row_number": pa.int64(), "sex": pa.string(), "age": pa.int64()})
 
 
-def job_for(grounded: bool, fuzzy: bool) -> JobSpec:
+def job_for(grounded: bool, fuzzy: bool, verified: bool = True) -> JobSpec:
     return JobSpec.model_validate({**JOB.model_dump(), "review": {"require_grounded_evidence": grounded,
-                                                                  "accept_fuzzy": fuzzy}})
+                                                                  "accept_fuzzy": fuzzy,
+                                                                  "require_verified_answers": verified}})
 
 
 ANSWER = st.fixed_dictionaries({
@@ -35,6 +36,8 @@ ANSWER = st.fixed_dictionaries({
     "unit": st.sampled_from([None, "mg/dL", "umol/L", "g/dL", "g/L", "kg", "%", "lb"]),
     "evidence": st.one_of(st.none(), st.sampled_from(["quote a", "quote b"])),
     "grounding": st.sampled_from([None, "exact", "fuzzy", "not_found"]),
+    "verified": st.sampled_from([None, True, False]),  # a model answer's check against the note
+    "model": st.sampled_from(["m", "cues", None]),  # cues: the cue answer stood in for a failed model answer
 })
 NOTE = st.fixed_dictionaries({
     "patient": st.sampled_from(["p1", "p2", "p3", "p10"]),
@@ -57,9 +60,9 @@ def note_major(notes: list[dict]) -> pa.Table:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(NOTE, min_size=1, max_size=9), st.booleans(), st.booleans())
-def test_columnar_rollup_equals_the_sql_rollup(notes, grounded, fuzzy):
-    job = job_for(grounded, fuzzy)
+@given(st.lists(NOTE, min_size=1, max_size=9), st.booleans(), st.booleans(), st.booleans())
+def test_columnar_rollup_equals_the_sql_rollup(notes, grounded, fuzzy, verified):
+    job = job_for(grounded, fuzzy, verified)
     table = note_major(notes)
     fast = columnar_rollup(table, job, _schema_for(table, job))
     assert fast is not None, "a note-major table must take the columnar path"

@@ -1,0 +1,222 @@
+"""Verify: check every model answer against its note before it may decide anything.
+
+Grounding (engine.stages.ground) says whether a quote is in the note; it does not say whether the quote supports
+the answer. A weak model quotes "platelets" and answers 103.1, or quotes the prompt's own unit list. A model
+answer (route `model`, status `answered`) is verified when:
+
+  * its evidence quote is grounded in the note (exact, or fuzzy when the quote is not the prompt's own text);
+  * numeric: the value is one of the numbers written in the quote, read the way notes write them ("2.0" is 2,
+    "98,000" is 98000, "30-35" holds 30 and 35, "x 10^9/L" and "mm3" are units, not numbers), in any unit the
+    question accepts ("8.5 g/dL" supports 85 g/L), or the question's cap when the quote holds a value at or above
+    it (LVEF "60-65%" supports 55); and a mention of the question's cues stands on the quote's line or in the
+    few lines above it (a table's header);
+  * yes/no: the quote overlaps a mention of the question's cues in the note (or, for a question without cues, one
+    of the question's own content words). A "no" without a quote on an `absent: "no"` question claims nothing
+    beyond "not in note" and passes.
+
+Columns added: `verified` (true / false; null where there was no model answer to check: cue answers, not in
+note, errors) and `verification` (why it failed). In hybrid mode a failed model answer gives way to the cue
+answer of the same (note, question) (`model` becomes `cues`, `verified` stays false and the reason ends with
+"the cue answer stands"); in model mode it is kept, and the roll-up does not let it decide a criterion
+(engine.rollup: `<question>__unverified`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.cues import find_mentions
+from engine.plan import Plan, PlannedQuestion
+from engine.stages.generate import CUE_MODEL_NAME
+from engine.stages.ground import fold, locate, text_lookup
+from engine.stages.parse import parse_one
+from engine.stages.prompt import SYSTEM_PROMPT, unit_hint
+from engine.units import conversion_factor
+
+VERIFY_COLUMNS = {"verified": pa.bool_(), "verification": pa.string()}
+HEADER_LINES = 3  # a numeric quote's lab name may stand this many lines above it (a table's header row)
+HEADER_CHARS = 400
+RELATIVE_TOLERANCE = 1e-6
+CUE_ANSWER_STANDS = "the cue answer stands"
+
+# Failure categories: the text of `verification` up to " (" is one of these (report.json counts them).
+NO_QUOTE = "no evidence quote"
+NOT_GROUNDED = "evidence not found in note"
+PROMPT_QUOTE = "evidence quotes the prompt, not the note"
+VALUE_NOT_IN_QUOTE = "value not in evidence quote"
+NO_MENTION = "evidence holds no mention of the question"
+
+# "x 10^9/L", "10*3", "10e9", "10³": powers of ten in units are not values; nor are digits glued to letters
+# ("mm3", "A1c", "CHADS2"), which the number pattern's look-behind leaves out.
+_POWER_OF_TEN = re.compile(r"(?:[x\u00d7*]\s*)?10\s*(?:\^|\*\*|\*|e)\s*-?\d+|10[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+", re.I)
+_QUOTE_NUMBER = re.compile(r"(?<![A-Za-z0-9])(\d{1,3}(?:,\d{3})+(?![\d])|\d+(?:\.\d+)?|\.\d+)([kK](?![a-zA-Z]))?")
+_STOP_WORDS = frozenset("""
+    does document documents documented note notes patient patients that this have has had with which what when
+    from into than their there these those about during within past last month months year years highest lowest
+    value values reported report serum total blood level levels score including planned requires require
+    """.split())
+
+
+def quote_numbers(quote: str) -> list[float]:
+    """The numbers written in a quote, as notes write them (see the module docstring); '98K' also gives 98000."""
+    cleaned = _POWER_OF_TEN.sub(" ", quote)
+    numbers = []
+    for match in _QUOTE_NUMBER.finditer(cleaned):
+        number = float(match.group(1).replace(",", ""))
+        numbers.append(number)
+        if match.group(2):
+            numbers.append(number * 1000)
+    return numbers
+
+
+def value_in_quote(value: float, unit: str | None, quote: str, question: PlannedQuestion) -> bool:
+    """Whether `value` (in `unit`) is written in `quote`, in any unit the question accepts, or is its cap."""
+    spec = question.spec
+    factor = conversion_factor(unit, spec)
+    if factor is None or not math.isfinite(value):
+        return False
+    canonical = value * factor
+    factors = {f for f in spec.units.values() if f}
+    numbers = quote_numbers(quote)
+    for number in numbers:
+        if _close(number, value) or any(_close(number * f, canonical) for f in factors):
+            return True
+    if spec.cap is not None and _close(canonical, spec.cap):
+        return any(number * f >= spec.cap * (1 - RELATIVE_TOLERANCE) for number in numbers for f in factors)
+    return False
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9)
+
+
+def content_words(question: PlannedQuestion) -> list[str]:
+    """The question's own words that name what it asks about (for a question without cues)."""
+    words = re.findall(r"[A-Za-z][A-Za-z-]{3,}", question.spec.question)
+    return sorted({w.lower() for w in words if w.lower() not in _STOP_WORDS}, key=len, reverse=True)
+
+
+def mentions_in(text: str, start: int, end: int, question: PlannedQuestion) -> bool:
+    """A mention of the question's cues overlapping text[start:end] (its content words, without cues)."""
+    if question.spec.cues is not None and (question.spec.cues.terms or question.spec.cues.abbreviations):
+        return any(m.start < end and start < m.end for m in find_mentions(text, question.spec))
+    window = text[start:end].lower()
+    return any(re.search(rf"(?<![a-z]){re.escape(w)}", window) for w in content_words(question))
+
+
+def _header_start(text: str, start: int) -> int:
+    """Where the quote's line starts, moved up HEADER_LINES lines (at most HEADER_CHARS characters)."""
+    position = text.rfind("\n", 0, start) + 1
+    for _ in range(HEADER_LINES):
+        if position == 0 or start - position >= HEADER_CHARS:
+            break
+        position = text.rfind("\n", 0, position - 1) + 1
+    return max(position, start - HEADER_CHARS)
+
+
+def _line_end(text: str, end: int) -> int:
+    found = text.find("\n", end)
+    return len(text) if found < 0 else found
+
+
+def _in_prompt(quote: str, question: PlannedQuestion) -> bool:
+    """Whether the quote is the prompt's own text (instructions, question, unit list) rather than the note's."""
+    folded, _ = fold(re.sub(r"\s+", " ", quote.strip()))
+    return len(folded) >= 3 and folded in _folded_prompt(question.spec.question, unit_hint(question))
+
+
+@lru_cache(maxsize=256)
+def _folded_prompt(question: str, hint: str) -> str:
+    return fold(f"{SYSTEM_PROMPT}\n{question}{hint}")[0]
+
+
+def check_answer(row: dict, text: str, question: PlannedQuestion) -> str | None:
+    """None when a model's answered row holds up against its note, else the failure category with details."""
+    quote = row["evidence"]
+    spec = question.spec
+    said = _said(row, spec.type)
+    if not quote:
+        if spec.type == "yes_no" and row["value_bool"] is False and spec.absent == "no":
+            return None  # "no" with nothing quoted claims no more than "not in note", which is "no" here
+        return f"{NO_QUOTE} (model: {said})"
+    detail = f"(model: {said}, quote: {quote[:60]!r})"
+    if row["grounding"] not in ("exact", "fuzzy") or row["evidence_start"] is None:
+        return f"{NOT_GROUNDED} {detail}"
+    if _in_prompt(quote, question) and row["grounding"] != "exact":
+        return f"{PROMPT_QUOTE} {detail}"
+    start, end = row["evidence_start"], row["evidence_end"]
+    if spec.type == "numeric":
+        if not value_in_quote(row["value_num"], row["unit"], text[start:end], question):
+            return f"{VALUE_NOT_IN_QUOTE} {detail}"
+        start, end = _header_start(text, start), _line_end(text, end)
+    if not mentions_in(text, start, end, question):
+        return f"{NO_MENTION} {detail}"
+    return None
+
+
+def _said(row: dict, kind: str) -> str:
+    if kind == "yes_no":
+        return "yes" if row["value_bool"] else "no"
+    unit = f" {row['unit']}" if row["unit"] else ""
+    return f"{row['value_num']:g}{unit}"
+
+
+CHECKED = ["question_id", "status", "value_bool", "value_num", "unit", "evidence", "evidence_start", "evidence_end",
+           "grounding"]
+
+
+def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
+    """Append VERIFY_COLUMNS to grounded rows (which still hold `text`); in hybrid mode a failed model answer gives
+    way to its cue answer. Rows without a model answer cost nothing: the check is per model-answered row."""
+    n = batch.num_rows
+    verified, reasons = [None] * n, [None] * n
+    answered = pc.fill_null(pc.and_(pc.equal(batch["status"], "answered"), pc.equal(batch["route"], "model")), False)
+    rows = pc.indices_nonzero(answered).to_pylist() if n else []
+    replaced: dict[int, dict] = {}
+    if rows:
+        picked = batch.select(CHECKED).take(pa.array(rows)).to_pylist()
+        text_of = text_lookup(batch["text"].combine_chunks())
+        cue_outputs = batch["cue_output"].combine_chunks() if "cue_output" in batch.column_names else None
+        hybrid = plan.job.extraction.mode == "hybrid"
+        for row, values in zip(rows, picked):
+            question = plan.by_id[values["question_id"]]
+            text = text_of(row) or ""
+            reason = check_answer(values, text, question)
+            verified[row] = reason is None
+            reasons[row] = reason
+            cue = cue_outputs[row].as_py() if cue_outputs is not None else None
+            if reason is not None and hybrid and cue is not None:
+                replaced[row] = _cue_answer(plan, values["question_id"], cue, text)
+                reasons[row] = f"{reason}; {CUE_ANSWER_STANDS}"
+    if replaced:
+        batch = _replace(batch, replaced)
+    batch = batch.append_column("verified", pa.array(verified, pa.bool_()))
+    return batch.append_column("verification", pa.array(reasons, pa.string()))
+
+
+def _cue_answer(plan: Plan, question_id: str, cue_output: str, text: str) -> dict:
+    answer = parse_one(plan, question_id, None, "stop", cue_output)
+    start, end, grounding = locate(answer.get("evidence"), text)
+    return {**answer, "evidence_start": start, "evidence_end": end, "grounding": grounding, "model": CUE_MODEL_NAME}
+
+
+REPLACED_COLUMNS = ["status", "value_bool", "value_num", "unit", "evidence", "error", "evidence_start", "evidence_end",
+                    "grounding", "model"]
+
+
+def _replace(batch: pa.Table, replaced: dict[int, dict]) -> pa.Table:
+    """The cue answer's fields in place of the model's on the replaced rows (every other row untouched)."""
+    for name in REPLACED_COLUMNS:
+        index = batch.schema.get_field_index(name)
+        column = batch[name]
+        plain = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        values = column.cast(plain).to_pylist()
+        for row, answer in replaced.items():
+            values[row] = answer.get(name)
+        batch = batch.set_column(index, name, pa.array(values, plain))
+    return batch
