@@ -130,9 +130,11 @@ def rules(
     answers: Annotated[str, typer.Option("--answers", help="An output folder or its answers/ folder, written by `engine run`.")],
     output: Annotated[Optional[str], typer.Option("--output", help="Where to write patients/ (default: beside the answers).")] = None,
 ) -> None:
-    """Re-screen from existing answers after changing rules or thresholds: no model, seconds."""
+    """Re-screen from existing answers after changing rules or thresholds: no model, seconds. Writes patients/ and
+    report.json's cohort (status counts and funnel)."""
     from engine.answers_db import answers_dataset
     from engine.output import OutputStore
+    from engine.report import with_rules_cohort
     from engine.rules import screen
 
     started = time.perf_counter()
@@ -140,15 +142,59 @@ def rules(
         job = _load(job_path)
         table = answers_dataset(answers, job.output.storage_options)
         patients, funnel = screen(table, job)
-        target = output or (answers.rstrip("/").removesuffix("answers").rstrip("/") or ".")
+        target = output or _output_folder(answers)
         store = OutputStore(target, job.output.storage_options)
-        store.write_table("patients/patients.parquet", patients)
-        store.write_json("patients/funnel.json", {"funnel": funnel})
+        store.write_patients(patients)  # patients/ holds only Parquet: the funnel goes to report.json
+        try:
+            previous = store._read_json("report.json")
+        except ValueError:  # not JSON (a write cut short): replaced by a minimal one
+            previous = None
+        store.write_json("report.json", with_rules_cohort(previous, job, patients, funnel))
     except EngineError as exc:
         _fail(exc)
         return
     print_funnel(funnel, patients)
-    console.print(f"patients/ written to {target} ({patients.num_rows} patients, {time.perf_counter() - started:.2f} s)")
+    console.print(f"patients/ and report.json's cohort written to {target} ({patients.num_rows} patients, {time.perf_counter() - started:.2f} s)")
+
+
+def _output_folder(answers: str) -> str:
+    """The output folder of `--answers`: an output folder itself, or the folder above its answers/ folder."""
+    return answers.rstrip("/").removesuffix("answers").rstrip("/") or "."
+
+
+class ExportFormat(str, Enum):
+    omop_note_nlp = "omop-note-nlp"
+
+
+class FileFormat(str, Enum):
+    parquet = "parquet"
+    csv = "csv"
+    both = "both"
+
+
+@app.command()
+def export(
+    job_path: JobArg,
+    answers: Annotated[str, typer.Option("--answers", help="An output folder or its answers/ folder, written by `engine run`.")],
+    export_format: Annotated[ExportFormat, typer.Option("--format", help="omop-note-nlp: OMOP CDM v5.4 NOTE_NLP rows, one per answered (note, question); note ids must be integers.")],
+    output: Annotated[str, typer.Option("--output", help="Folder (local or s3://) to write note_nlp.parquet and/or note_nlp.csv to.")],
+    file_format: Annotated[FileFormat, typer.Option("--file-format", help="parquet, csv (header row, quoted text) or both.")] = FileFormat.parquet,
+) -> None:
+    """Export answers to a standard table: OMOP CDM v5.4 NOTE_NLP (answered rows; not-in-note and error rows are skipped)."""
+    from engine.export import export_note_nlp
+
+    try:
+        job = _load(job_path)
+        summary = export_note_nlp(job, answers, output, file_format.value, run_folder=_output_folder(answers))
+    except EngineError as exc:
+        _fail(exc)
+        return
+    exists = ", ".join(f"{k} {summary.term_exists.get(k, 0)}" for k in ("Y", "N"))
+    skipped = ", ".join(f"{n} {status}" for status, n in summary.skipped.items()) or "none"
+    console.print(f"{export_format.value}: {summary.rows} rows from {summary.rows_by_status.get('answered', 0)} answered rows "
+                  f"(term_exists {exists}); skipped rows: {skipped}", markup=False, soft_wrap=True)
+    console.print(f"nlp_date {summary.processed_at:%Y-%m-%d} (from {summary.processed_from})", markup=False, soft_wrap=True)
+    console.print("Written: " + ", ".join(summary.paths), markup=False, soft_wrap=True)
 
 
 @app.command()

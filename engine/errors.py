@@ -26,3 +26,7 @@ class OutputError(EngineError):
 
 class BackendError(EngineError):
     """The model backend cannot start (missing package, model not found)."""
+
+
+class ExportError(EngineError):
+    """The answers cannot be exported in the asked format (e.g. note ids that are not integers for OMOP)."""

@@ -115,6 +115,9 @@ class QuestionSpec(Strict):
     cap: float | None = Field(None, description="numeric only: values above this are reported as this (e.g. LVEF >= 55 reported as 55).")
     tolerance: float = Field(0.0, ge=0, description="numeric only: absolute tolerance used by engine eval.")
     cues: CueSpec | None = Field(None, description="What in a note can answer this question (extraction modes hybrid and lexical). A question without cues is always asked of the model.")
+    # exclude=True: left out of model_dump, so of the job fingerprint (it does not decide the answers): adding or
+    # changing it never changes a fingerprint, and a run keeps resuming. It is also left out of a dumped job.
+    concept_id: int | None = Field(None, ge=0, le=2_147_483_647, strict=True, exclude=True, description="Optional OMOP concept id of what the question asks about (e.g. 313217, atrial fibrillation), written as note_nlp_concept_id by `engine export --format omop-note-nlp` (0 when absent). Not part of the job fingerprint: adding it does not change a run.")
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> "QuestionSpec":

@@ -31,6 +31,10 @@ ANSWERS = "answers"
 PATIENTS = "patients"
 STAGING = "_staging"
 ENGINE_OWNED = (ANSWERS, STAGING, PATIENTS, "report.json", "report.html", "eval.md", "eval.parquet", MANIFEST)
+PATIENTS_FILE = f"{PATIENTS}/patients.parquet"
+# answers/ and patients/ hold only Parquet (read as datasets: pd.read_parquet("out/patients")). Earlier versions
+# wrote the funnel here; it is in report.json's cohort now, and a patients/ written again loses the old file.
+LEGACY_PATIENT_FILES = (f"{PATIENTS}/funnel.json",)
 
 ANSWER_COLUMNS: dict[str, pa.DataType] = {
     "patient_id": pa.string(),
@@ -208,6 +212,14 @@ class OutputStore:
         folder = join(self.fs, self.root, STAGING, shard_id)
         if not is_remote(self.fs) and self.fs.exists(folder) and not self.fs.ls(folder):
             self.fs.rmdir(folder)
+
+    def write_patients(self, patients: pa.Table) -> None:
+        """patients/patients.parquet, and patients/ left with Parquet only (files of earlier versions removed)."""
+        self.write_table(PATIENTS_FILE, patients)
+        for relative in LEGACY_PATIENT_FILES:
+            path = join(self.fs, self.root, relative)
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
     def write_table(self, relative: str, table: pa.Table, statistics: bool | list[str] = True) -> None:
         buffer = io.BytesIO()

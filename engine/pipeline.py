@@ -42,6 +42,8 @@ class RunStats:
     engine_seconds: float = 0.0  # summed busy time of the model actors (measured inside them)
     actors: int = 1
     patients_processed: set = field(default_factory=set, repr=False)
+    limit: int | None = None  # the --limit (or input.limit) the run was planned with
+    notes_in_input: int | None = None  # rows in the input, past the limit too (None: not counted)
 
 
 @lru_cache(maxsize=4)
@@ -200,8 +202,13 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     from engine.runtime import ensure_ray
 
     stats = RunStats(actors=job.batching.actors)
+    source = f"--limit {limit}" if limit is not None else f"input.limit {job.input.limit} in the job"
     limit = limit if limit is not None else job.input.limit
-    inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
+    inputs = plan_input(job.input, job.batching.notes_per_shard, limit, count_all=limit is not None)
+    stats.limit, stats.notes_in_input = limit, inputs.notes_in_input
+    if progress is not None and limit is not None and inputs.notes_in_input != inputs.num_notes:
+        of = f" of {inputs.notes_in_input}" if inputs.notes_in_input is not None else ""
+        progress.say(f"Limit: answering {inputs.num_notes}{of} notes ({source})")
     _check_rules_against_input(job, inputs)
     store = OutputStore(job.output.uri, job.output.storage_options)
     committed = store.prepare(job, inputs, limit, overwrite)
@@ -215,7 +222,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     stats.finished = time.time()
     answers = answers_dataset(store.uri, store.storage_options)  # read in place, column by column, by DuckDB
     patients, funnel = screen(answers, job)
-    store.write_table("patients/patients.parquet", patients)
+    store.write_patients(patients)
     report = build_report(job, answers, patients, funnel, stats, store)
     store.write_json("report.json", report)
     write_report_html(store, job, report=report, answers=answers, patients=patients)

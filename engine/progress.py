@@ -24,6 +24,10 @@ class RunProgress:
         self.last_line = 0.0
         self.pairs = 0
 
+    def say(self, line: str) -> None:
+        """A line before the progress starts (e.g. that a limit leaves notes out)."""
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     def start(self, total_notes: int, done_notes: int) -> None:
         self.total = total_notes
         self.done = done_notes

@@ -55,6 +55,8 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "model": job.model.name,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": totals["notes"],
+        "limit": getattr(stats, "limit", None),  # the run's --limit (or input.limit); null: the whole input
+        "notes_in_input": getattr(stats, "notes_in_input", None),  # rows in the input, those past the limit too
         "patients": totals["patients"],
         "questions": len(job.questions),
         "rows": totals["rows"],
@@ -73,7 +75,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "completion_tokens_per_answer": round(completion / generated, 2) if generated else None,
         "model_outputs": model_outputs,
         "schema_valid_rate": round(1 - totals["unparsed"] / model_outputs, 6) if model_outputs else None,
-        "cohort": {"status": _status_counts(patients), "funnel": funnel},
+        "cohort": cohort_section(patients, funnel),
         **_review(job, answers, patients),
         **timing,
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import tempfile
 from urllib.parse import urlparse
 
 LOCAL_LOGICAL_CPUS = 8  # fractional actors plus read/parse tasks deadlock on 2-4 logical CPUs (shared/RECIPES.md)
@@ -21,6 +23,12 @@ WORKER_ENV = {
 # env at INFO, so credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, RAY_AUTH_TOKEN) are
 # never put there: a private Ray's workers inherit them from this process's environment, and a cluster's nodes
 # use their own (instance role, profile or environment), the usual AWS way.
+# Ray's own start-up notices, quiet unless --verbose (warnings and errors of the run still show):
+QUIET_LOGGERS = (
+    "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled for this Ray cluster..."
+    "ray.data._internal.progress",  # "Progress bars disabled. To enable, set ..." (the engine shows its own progress)
+)
+CORE_LOG_LEVEL_LINE = "Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
 FORWARDED_ENV = ("ENGINE_CACHE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                  "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
 
@@ -72,14 +80,82 @@ def _keep_loopback_ip():
         ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
-def ensure_ray(verbose: bool = False) -> None:
+@contextlib.contextmanager
+def _quiet_driver_core_log():
+    """Ray's C++ core in this process prints ERROR lines to stderr that are not errors of the run: Ray Data always
+    puts an actor pool's constructor arguments in the object store, and for every model actor started with
+    max_restarts > 0 the core worker says "... has constructor arguments in the object store and max_restarts > 0
+    ..." (ray-project/ray#53727). Its threshold is read once, from RAY_BACKEND_LOG_LEVEL, when ray.init connects this
+    process, and that line is ERROR, so `error` keeps it. Set `fatal` for the connect only: this driver's core worker
+    takes it, the node's processes (started earlier in ray.init) and the workers they start keep their logs. The
+    line that announces the level is dropped from what the connect printed; anything else it printed is shown.
+    A RAY_BACKEND_LOG_LEVEL the user set is left alone."""
+    from ray._private import worker
+
+    connect = getattr(worker, "connect", None)
+    if "RAY_BACKEND_LOG_LEVEL" in os.environ or connect is None:
+        yield
+        return
+
+    def quiet_connect(*args, **kwargs):
+        os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+        try:
+            with _stderr_without(CORE_LOG_LEVEL_LINE):
+                return connect(*args, **kwargs)
+        finally:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+
+    worker.connect = quiet_connect
+    try:
+        yield
+    finally:
+        worker.connect = connect
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: str):
+    """Capture file descriptor 2 (C++ writes there, not to sys.stderr) and replay it without the lines holding `noise`."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True) if noise not in line]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+_verbose = False  # what the CLI asked for (--verbose), kept for the library's own ensure_ray() calls
+
+
+def ensure_ray(verbose: bool | None = None) -> None:
+    """Start or join Ray and set Ray Data up for the engine. Quiet unless `verbose`: no Ray start-up notices, worker
+    logs or Ray Data progress bars (errors and warnings still show). None keeps what an earlier call in this process
+    chose (the CLI calls ensure_ray(verbose=True) for --verbose before the pipeline calls ensure_ray())."""
     import ray
     from ray.data import DataContext
 
+    global _verbose
+    verbose = _verbose if verbose is None else verbose
+    _verbose = verbose
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not ray.is_initialized():
         options = ray_init_options(verbose)
         loopback = options["address"] == "local" or _is_loopback(os.environ.get("RAY_ADDRESS", ""))
-        with _keep_loopback_ip() if loopback else contextlib.nullcontext():
+        with _keep_loopback_ip() if loopback else contextlib.nullcontext(), \
+                _quiet_driver_core_log() if not verbose else contextlib.nullcontext():
             ray.init(**options)
     if not verbose:  # Ray Data's INFO lines ("execution finished in ...") are noise next to the engine's summary
         logging.getLogger("ray.data").setLevel(logging.WARNING)

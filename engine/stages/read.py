@@ -41,14 +41,18 @@ class InputPlan:
     files: list[tuple[str, int]]  # (path, size in bytes)
     schema: pa.Schema
     shards: list[Shard]
+    notes_in_input: int | None = None  # every row of the input, past the limit too (None: not counted)
 
     @property
     def num_notes(self) -> int:
         return sum(s.num_rows for s in self.shards)
 
 
-def plan_input(spec: InputSpec, notes_per_shard: int, limit: int | None) -> InputPlan:
-    """List the Parquet files, check the columns, cut row groups into shards (first `limit` notes only)."""
+def plan_input(spec: InputSpec, notes_per_shard: int, limit: int | None, count_all: bool = False) -> InputPlan:
+    """List the Parquet files, check the columns, cut row groups into shards (first `limit` notes only).
+
+    `notes_in_input` is the input's row count: known when the limit leaves nothing out; where it cuts the input,
+    counted from the other files' footers only with `count_all` (a run says how much its limit leaves out)."""
     fs, root = filesystem(spec.uri, spec.storage_options)
     try:
         if fs.isdir(root):
@@ -80,9 +84,29 @@ def plan_input(spec: InputSpec, notes_per_shard: int, limit: int | None) -> Inpu
                     remaining -= stop - start
                 shards.append(Shard(f"f{file_index:05d}-g{rg:05d}-r{start:09d}-{stop:09d}", path, rg, start, stop, file_row + start))
                 if remaining == 0:
-                    return InputPlan(files, schema, _mark_duplicates(fs, spec, shards))
+                    planned = sum(s.num_rows for s in shards)
+                    total = planned + meta.num_rows - file_row - stop if count_all else None
+                    if total is not None:
+                        total = _count_rows(fs, paths[file_index + 1:], total)
+                    elif stop == rows and rg == meta.num_row_groups - 1 and file_index == len(paths) - 1:
+                        total = planned  # the limit ended exactly at the end of the input
+                    return InputPlan(files, schema, _mark_duplicates(fs, spec, shards), total)
             file_row += rows
-    return InputPlan(files, schema, _mark_duplicates(fs, spec, shards))
+    return InputPlan(files, schema, _mark_duplicates(fs, spec, shards), sum(s.num_rows for s in shards))
+
+
+def _count_rows(fs, paths: list[str], counted: int) -> int | None:
+    """`counted` plus the rows of `paths`, from their Parquet footers (read side by side: on S3 each is a request).
+    None if a footer cannot be read: the count is a figure for the report, never a reason to stop a run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not paths:
+        return counted
+    try:
+        with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+            return counted + sum(pool.map(lambda path: _metadata(fs, path).num_rows, paths))
+    except InputError:
+        return None
 
 
 def _mark_duplicates(fs, spec: InputSpec, shards: list[Shard]) -> list[Shard]:

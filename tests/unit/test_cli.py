@@ -134,3 +134,67 @@ def test_run_with_a_broken_job_fails_before_touching_data(tmp_path, monkeypatch)
 def test_rules_without_answers_is_a_one_line_error(tmp_path):
     lines = assert_user_error(invoke("rules", str(APIXABAN), "--answers", str(tmp_path / "missing")))
     assert "no answers under" in " ".join(lines)
+
+
+def _run_output(folder: Path):
+    """An output folder as `engine run` leaves it (report_fixtures: the gold answers of 12 notes), plus the
+    patients/funnel.json that earlier versions wrote beside patients.parquet."""
+    from report_fixtures import gold_answers, write_output_folder
+
+    from engine.job import load_job
+
+    job = load_job(APIXABAN)
+    write_output_folder(folder, job, gold_answers(job, notes=12))
+    (folder / "patients" / "funnel.json").write_text('{"funnel": []}', encoding="utf-8")
+
+
+def _stricter_job(folder: Path) -> Path:
+    source = APIXABAN.read_text().replace('rule: "hemoglobin_min < 9"', 'rule: "hemoglobin_min < 12"', 1)
+    assert 'hemoglobin_min < 12' in source
+    path = folder / "stricter.yaml"
+    path.write_text(source, encoding="utf-8")
+    return path
+
+
+def test_rules_leaves_patients_parquet_only_and_puts_the_funnel_in_report_json(tmp_path):
+    """patients/ holds only Parquet after `engine rules` (an old funnel.json is removed), so it reads as one dataset;
+    the funnel of the rules just applied is report.json's cohort, and the run's other figures are kept."""
+    import json
+
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from engine.answers_db import answers_dataset
+    from engine.job import load_job
+    from engine.rules import screen
+
+    out = tmp_path / "out"
+    _run_output(out)
+    before = json.loads((out / "report.json").read_text())
+    job = _stricter_job(tmp_path)
+    result = invoke("rules", str(job), "--answers", str(out / "answers"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "patients").iterdir()) == ["patients.parquet"]
+    assert ds.dataset(out / "patients").count_rows() == pq.read_table(out / "patients").num_rows == before["patients"]
+    after = json.loads((out / "report.json").read_text())
+    patients, funnel = screen(answers_dataset(str(out), {}), load_job(job))
+    assert after["cohort"]["funnel"] == funnel != before["cohort"]["funnel"]  # the stricter hemoglobin rule shows
+    statuses = pq.read_table(out / "patients")["status"].to_pylist()
+    assert after["cohort"]["status"] == {s: statuses.count(s) for s in set(statuses)}
+    assert after["cohort"]["rules_applied"]
+    assert {k: v for k, v in after.items() if k != "cohort"} == {k: v for k, v in before.items() if k != "cohort"}
+
+
+def test_rules_into_a_new_folder_writes_a_minimal_report_json(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    _run_output(out)
+    result = invoke("rules", str(APIXABAN), "--answers", str(out), "--output", str(tmp_path / "elsewhere"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "elsewhere" / "patients").iterdir()) == ["patients.parquet"]
+    report = json.loads((tmp_path / "elsewhere" / "report.json").read_text())
+    assert report["job"] == "apixaban-aristotle" and report["patients"] == pq.read_table(tmp_path / "elsewhere" / "patients").num_rows
+    assert report["cohort"]["funnel"] == json.loads((out / "report.json").read_text())["cohort"]["funnel"]  # same job

@@ -187,3 +187,48 @@ def test_fingerprint_ignores_criteria_derived_values_and_the_limit():
     assert fewer.fingerprint() == job.fingerprint()
     limited = _variant(job, input=lambda i: i.update(limit=5))
     assert limited.fingerprint() == job.fingerprint()
+
+
+# A small job whose fingerprint was computed before questions had `concept_id`: runs resume by fingerprint, so an
+# optional field added to the job must not change it.
+PINNED_JOB = {
+    "name": "pinned", "input": {"uri": "notes.parquet"}, "output": {"uri": "out"},
+    "questions": [
+        {"id": "afib", "type": "yes_no", "question": "Does the note document atrial fibrillation?"},
+        {"id": "creatinine_max", "type": "numeric", "question": "Highest serum creatinine in the note?", "unit": "mg/dL",
+         "units": {"mg/dL": 1.0, "umol/L": 0.0113}, "maximum": 30.0},
+    ],
+}
+PINNED_FINGERPRINT = "c8f340ff2d1aef21"
+
+
+def test_fingerprint_of_a_job_without_concept_ids_is_what_it_was_before_they_existed():
+    assert JobSpec.model_validate(PINNED_JOB).fingerprint() == PINNED_FINGERPRINT
+    assert all("concept_id" not in q.model_dump() for q in load_job(APIXABAN).questions)
+
+
+def test_concept_ids_do_not_change_the_fingerprint():
+    """They name what a question asks about for `engine export`; they do not decide the answers, so adding them to
+    a job after (or during) a run keeps the run resumable."""
+    with_concepts = {**PINNED_JOB, "questions": [{**q, "concept_id": c} for q, c in zip(PINNED_JOB["questions"], (313217, 3016723))]}
+    job = JobSpec.model_validate(with_concepts)
+    assert [q.concept_id for q in job.questions] == [313217, 3016723]
+    assert job.fingerprint() == PINNED_FINGERPRINT
+    assert JobSpec.model_validate(PINNED_JOB).questions[0].concept_id is None
+
+
+def test_concept_id_in_the_job_file_and_its_checks(tmp_path):
+    indent = "    type: yes_no\n"
+    job = load_job(_written(tmp_path, replace_once(SOURCE, indent, indent + "    concept_id: 313217\n")))
+    assert job.questions[0].concept_id == 313217 and job.questions[1].concept_id is None
+    assert job.fingerprint() == load_job(APIXABAN).fingerprint()
+    for bad, message in (("-1", "greater than or equal to 0"), ('"313217"', "valid integer"), ("true", "valid integer"),
+                         ("2147483648", "less than or equal to 2147483647")):
+        problem = only_problem(broken(tmp_path, replace_once(SOURCE, indent, indent + f"    concept_id: {bad}\n")))
+        assert problem.startswith(f"questions[0].concept_id (line {line_of('type: yes_no') + 1}): ") and message in problem, problem
+
+
+def _written(tmp_path: Path, source: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(source, encoding="utf-8")
+    return path

@@ -88,6 +88,26 @@ def test_limit_is_honoured_exactly(folder, limit):
     assert notes["note_id"].to_pylist() == everything["note_id"].to_pylist()[:plan.num_notes]  # the first N notes
 
 
+@pytest.mark.parametrize("limit", [None, 1, 3, 4, 5, 10, 11, 17, 21, 22, 1000])
+def test_the_input_is_counted_past_the_limit(folder, limit):
+    """A run says how much of the input its limit leaves out: notes_in_input counts every row (with count_all),
+    the files past the limit from their footers, without planning them."""
+    total = sum(FILE_ROWS.values())
+    plan = plan_input(spec_for(folder), 3, limit, count_all=True)
+    assert plan.notes_in_input == total
+    assert plan.num_notes == min(limit or total, total)
+    uncounted = plan_input(spec_for(folder), 3, limit)
+    assert uncounted.shards == plan.shards and uncounted.files == plan.files  # counting plans nothing more
+    assert uncounted.notes_in_input == (total if plan.num_notes == total else None)
+
+
+def test_an_unreadable_file_past_the_limit_leaves_the_count_unknown(folder):
+    (folder / "z.parquet").write_text("not parquet")
+    assert plan_input(spec_for(folder), 3, 5, count_all=True).notes_in_input is None
+    with pytest.raises(InputError, match="z.parquet"):
+        plan_input(spec_for(folder), 3, None)
+
+
 def test_a_single_file_uri(folder):
     plan = plan_input(spec_for(folder / "b.parquet"), 100, None)
     assert plan.num_notes == 7 and [s.num_rows for s in plan.shards] == [4, 3]
