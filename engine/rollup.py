@@ -249,8 +249,8 @@ def _row_values_sql() -> str:
            coalesce(a.status = 'answered', FALSE) AS answered,
            CASE WHEN NOT g.required OR a.status IS DISTINCT FROM 'answered' THEN TRUE
                 ELSE coalesce(list_contains(g.accepted, a.grounding), FALSE) END AS grounded,
-           NOT coalesce(g.verified_required AND a.status = 'answered' AND a.verified IS FALSE
-                        AND a.model IS DISTINCT FROM '{CUE_MODEL_NAME}', FALSE) AS verified,
+           NOT coalesce(g.verified_required AND a.verified IS FALSE AND a.model IS DISTINCT FROM '{CUE_MODEL_NAME}',
+                        FALSE) AS verified,
            CASE WHEN q.qtype = 'yes_no' THEN CASE
                WHEN a.status = 'answered' THEN a.value_bool
                WHEN a.status = 'not_in_note' AND q.absent_no THEN FALSE END END AS vb,

@@ -142,7 +142,7 @@ def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
         if "model" in table.column_names:
             mcodes, models = _codes(table["model"])
             failed &= ~_flags(mcodes, models, lambda v: v == CUE_MODEL_NAME).reshape(n, q)
-        verified = ~(answered & failed)
+        verified = ~failed
 
     value_bool = table["value_bool"]
     vb_value = pc.fill_null(value_bool, False).to_numpy(zero_copy_only=False).reshape(n, q)

@@ -2,7 +2,7 @@
 
 Grounding (engine.stages.ground) says whether a quote is in the note; it does not say whether the quote supports
 the answer. A weak model quotes "platelets" and answers 103.1, or quotes the prompt's own unit list. A model
-answer (route `model`, status `answered`) is verified when:
+answer (route `model`, status `answered` or `not_in_note`) is verified when:
 
   * its evidence quote is grounded in the note (exact, or fuzzy when the quote is not the prompt's own text);
   * numeric: the value is one of the numbers written in the quote, read the way notes write them ("2.0" is 2,
@@ -11,13 +11,21 @@ answer (route `model`, status `answered`) is verified when:
     it (LVEF "60-65%" supports 55); and a mention of the question's cues stands on the quote's line or in the
     few lines above it (a table's header);
   * yes/no: the quote overlaps a mention of the question's cues in the note (or, for a question without cues, one
-    of the question's own content words). A "no" without a quote on an `absent: "no"` question claims nothing
-    beyond "not in note" and passes.
+    of the question's own content words); for a "yes", at least one such mention must count for the patient in
+    its clinical context (medspaCy ConText, engine.context, the same reading the cues use: a "yes" that quotes
+    only "no h/o stroke", a family member's or a hypothetical mention, each as the question's `ignore` says, is
+    not supported by its own quote). A "no" must not pass over a mention that counts: every mention of the note
+    that counts for the patient must lie inside its quote (a "no" quoting "denies stroke" while the note also says
+    "prior CVA 2019" has not addressed the evidence for "yes"; a "no" that quotes the one affirmed mention and
+    disputes it is the model's reading, and stands). A "no" without a quote on an `absent: "no"` question claims
+    nothing beyond "not in note" and passes when no mention counts;
+  * "not in note": a yes/no question's note holds no mention that counts for the patient, and (hybrid mode) the cues
+    read no value for a numeric question.
 
-Columns added: `verified` (true / false; null where there was no model answer to check: cue answers, not in
-note, errors) and `verification` (why it failed). In hybrid mode a failed model answer gives way to the cue
-answer of the same (note, question) (`model` becomes `cues`, `verified` stays false and the reason ends with
-"the cue answer stands"); in model mode it is kept, and the roll-up does not let it decide a criterion
+Columns added: `verified` (true / false; null where there was no model answer to check: cue answers, errors)
+and `verification` (why it failed). In hybrid mode a failed model answer gives way to the cue answer of the
+same (note, question) (`model` becomes `cues`, `verified` stays false and the reason ends with "the cue answer
+stands"); in model mode it is kept, and the roll-up does not let it decide a criterion
 (engine.rollup: `<question>__unverified`).
 """
 
@@ -30,6 +38,7 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.context import contexts
 from engine.cues import find_mentions
 from engine.plan import Plan, PlannedQuestion
 from engine.stages.generate import CUE_MODEL_NAME
@@ -50,6 +59,10 @@ NOT_GROUNDED = "evidence not found in note"
 PROMPT_QUOTE = "evidence quotes the prompt, not the note"
 VALUE_NOT_IN_QUOTE = "value not in evidence quote"
 NO_MENTION = "evidence holds no mention of the question"
+CONTEXT = "evidence's mention does not count for the patient"
+PASSED_OVER = "a no that passes over a mention that counts"
+NOT_IN_NOTE_CONTRADICTED = "not in note, but the note has it"
+CHECKED_STATUSES = ["answered", "not_in_note"]
 
 # "x 10^9/L", "10*3", "10e9", "10³": powers of ten in units are not values; nor are digits glued to letters
 # ("mm3", "A1c", "CHADS2"), which the number pattern's look-behind leaves out.
@@ -135,14 +148,19 @@ def _folded_prompt(question: str, hint: str) -> str:
     return fold(f"{SYSTEM_PROMPT}\n{question}{hint}")[0]
 
 
-def check_answer(row: dict, text: str, question: PlannedQuestion) -> str | None:
-    """None when a model's answered row holds up against its note, else the failure category with details."""
+def check_answer(row: dict, text: str, question: PlannedQuestion, context_of=None) -> str | None:
+    """None when a model's answered row holds up against its note, else the failure category with details.
+    `context_of(start, end)` gives a cue mention's Context (engine.context); without it a "yes" is not checked
+    against the context of the mention it quotes."""
     quote = row["evidence"]
     spec = question.spec
     said = _said(row, spec.type)
     if not quote:
         if spec.type == "yes_no" and row["value_bool"] is False and spec.absent == "no":
-            return None  # "no" with nothing quoted claims no more than "not in note", which is "no" here
+            # "no" with nothing quoted claims no more than "not in note", which is "no" here, unless it passes over
+            # a mention that counts
+            passed_over = _counted_outside(text, 0, 0, question, context_of)
+            return f"{PASSED_OVER} (model: no, unaddressed: {passed_over!r})" if passed_over else None
         return f"{NO_QUOTE} (model: {said})"
     detail = f"(model: {said}, quote: {quote[:60]!r})"
     if row["grounding"] not in ("exact", "fuzzy") or row["evidence_start"] is None:
@@ -156,6 +174,82 @@ def check_answer(row: dict, text: str, question: PlannedQuestion) -> str | None:
         start, end = _header_start(text, start), _line_end(text, end)
     if not mentions_in(text, start, end, question):
         return f"{NO_MENTION} {detail}"
+    if spec.type == "yes_no" and row["value_bool"] and context_of is not None:
+        flags = _ignored_flags(text, start, end, question, context_of)
+        if flags:
+            return f"{CONTEXT} {detail[:-1]}, context: {flags})"
+    if spec.type == "yes_no" and row["value_bool"] is False:
+        passed_over = _counted_outside(text, start, end, question, context_of)
+        if passed_over:
+            return f"{PASSED_OVER} {detail[:-1]}, unaddressed: {passed_over!r})"
+    return None
+
+
+def _counted_outside(text: str, start: int, end: int, question: PlannedQuestion, context_of) -> str:
+    """A mention that counts for the patient (its context not one the question ignores) outside text[start:end], as
+    written, or ''. A "no" that passes over one has not addressed the evidence for "yes"."""
+    cues = question.spec.cues
+    if context_of is None or cues is None:
+        return ""
+    ignore = set(cues.ignore)
+    for m in find_mentions(text, question.spec):
+        if (m.end <= start or m.start >= end) and not (context_of(m.start, m.end).flags & ignore):
+            return text[m.start:m.end]
+    return ""
+
+
+def _ignored_flags(text: str, start: int, end: int, question: PlannedQuestion, context_of) -> str:
+    """'' when a cue mention in text[start:end] counts for the patient, else the context flags that rule them out."""
+    cues = question.spec.cues
+    if cues is None or not cues.ignore:
+        return ""
+    ignore = set(cues.ignore)
+    found = [m for m in find_mentions(text, question.spec) if m.start < end and start < m.end]
+    flags = [context_of(m.start, m.end).flags & ignore for m in found]
+    if not found or any(not f for f in flags):
+        return ""
+    return ", ".join(sorted(set().union(*flags)))
+
+
+class NoteContexts:
+    """The context of every cue mention of a note, from one medspaCy pass per note (as the candidate stage does),
+    computed the first time a row of that note needs one."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.notes: dict[str, dict[tuple[int, int], object]] = {}
+
+    def of(self, text: str):
+        """context_of(start, end) for the mentions of this note."""
+        key = text
+        if key not in self.notes:
+            extraction = self.plan.job.extraction
+            spans = sorted({(m.start, m.end) for q in self.plan.questions for m in find_mentions(text, q.spec)})
+            found = contexts(text, spans, tuple(extraction.context_rules), extraction.sentences)
+            self.notes[key] = dict(zip(spans, found))
+        by_span = self.notes[key]
+        return lambda start, end: by_span[(start, end)]
+
+
+def check_row(row: dict, text: str, plan: Plan, note_contexts: "NoteContexts", cue_output: str | None = None) -> str | None:
+    """The check of one model row (answered or not in note) against its note; None when it holds up."""
+    question = plan.by_id[row["question_id"]]
+    context_of = note_contexts.of(text) if question.spec.type == "yes_no" else None
+    if row["status"] == "not_in_note":
+        cue_answer = parse_one(plan, question.id, None, "stop", cue_output) if cue_output else None
+        return check_not_in_note(text, question, context_of, cue_answer)
+    return check_answer(row, text, question, context_of)
+
+
+def check_not_in_note(text: str, question: PlannedQuestion, context_of=None, cue_answer: dict | None = None) -> str | None:
+    """None when a model's "not in note" holds up, else why not: a yes/no question's note holds a mention that counts
+    for the patient, or the cues read a value for a numeric question (`cue_answer`, hybrid mode)."""
+    if question.spec.type == "yes_no":
+        passed_over = _counted_outside(text, 0, 0, question, context_of)
+        return f"{NOT_IN_NOTE_CONTRADICTED} (model: not_in_note, unaddressed: {passed_over!r})" if passed_over else None
+    if cue_answer and cue_answer.get("status") == "answered" and cue_answer.get("value_num") is not None:
+        unit = f" {cue_answer['unit']}" if cue_answer.get("unit") else ""
+        return f"{NOT_IN_NOTE_CONTRADICTED} (model: not_in_note, cues read: {cue_answer['value_num']:g}{unit})"
     return None
 
 
@@ -175,21 +269,23 @@ def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
     way to its cue answer. Rows without a model answer cost nothing: the check is per model-answered row."""
     n = batch.num_rows
     verified, reasons = [None] * n, [None] * n
-    answered = pc.fill_null(pc.and_(pc.equal(batch["status"], "answered"), pc.equal(batch["route"], "model")), False)
+    claims = pc.is_in(batch["status"], value_set=pa.array(CHECKED_STATUSES))
+    answered = pc.fill_null(pc.and_(claims, pc.equal(batch["route"], "model")), False)
     rows = pc.indices_nonzero(answered).to_pylist() if n else []
     replaced: dict[int, dict] = {}
     if rows:
         picked = batch.select(CHECKED).take(pa.array(rows)).to_pylist()
         text_of = text_lookup(batch["text"].combine_chunks())
+        note_contexts = NoteContexts(plan)
         cue_outputs = batch["cue_output"].combine_chunks() if "cue_output" in batch.column_names else None
         hybrid = plan.job.extraction.mode == "hybrid"
         for row, values in zip(rows, picked):
             question = plan.by_id[values["question_id"]]
             text = text_of(row) or ""
-            reason = check_answer(values, text, question)
+            cue = cue_outputs[row].as_py() if cue_outputs is not None else None
+            reason = check_row(values, text, plan, note_contexts, cue)
             verified[row] = reason is None
             reasons[row] = reason
-            cue = cue_outputs[row].as_py() if cue_outputs is not None else None
             if reason is not None and hybrid and cue is not None:
                 replaced[row] = _cue_answer(plan, values["question_id"], cue, text)
                 reasons[row] = f"{reason}; {CUE_ANSWER_STANDS}"

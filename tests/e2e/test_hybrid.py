@@ -25,7 +25,9 @@ def test_only_pairs_with_a_candidate_reach_the_model(e2e_hybrid_run):
     to_model = live.filter(pc.equal(live["route"], "model"))
     skipped = live.filter(pc.equal(live["route"], "no_candidate"))
     assert pc.min(to_model["prompt_tokens"]).as_py() > 0 and pc.min(to_model["candidates"]).as_py() >= 1
-    assert set(to_model["model"].to_pylist()) == {job.model.name}
+    # the model's answer, or the cue answer where the model's failed its check against the note (engine.stages.verify)
+    for row in to_model.select(["model", "verified"]).to_pylist():
+        assert row["model"] == ("cues" if row["verified"] is False else job.model.name)
     assert skipped["prompt_tokens"].null_count == skipped.num_rows and set(skipped["model"].to_pylist()) == {"cues"}
     assert set(skipped["status"].to_pylist()) == {"not_in_note"}
     assert report["model_outputs"] == to_model.num_rows

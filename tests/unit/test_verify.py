@@ -13,15 +13,15 @@ from engine.job import load_job
 from engine.plan import make_plan
 from engine.stages.answer import answer_rows
 from engine.stages.ground import locate
-from engine.stages.verify import (NO_MENTION, NO_QUOTE, NOT_GROUNDED, PROMPT_QUOTE, VALUE_NOT_IN_QUOTE, check_answer,
-                                  quote_numbers, value_in_quote)
+from engine.stages.verify import (CONTEXT, NO_MENTION, NOT_IN_NOTE_CONTRADICTED, PASSED_OVER, NO_QUOTE, NOT_GROUNDED, PROMPT_QUOTE, VALUE_NOT_IN_QUOTE,
+                                  NoteContexts, check_answer, quote_numbers, value_in_quote)
 
 JOB = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
 PLAN = make_plan(JOB)
 Q = PLAN.by_id
 
 NOTE = (
-    "HPI: 81F with paroxysmal atrial fibrillation on apixaban, HTN, no history of stroke.\n"
+    "HPI: 81F with paroxysmal atrial fibrillation on apixaban, HTN, denies prior stroke.\n"
     "Family history: mother with diabetes.\n"
     "| Date | Plt (K/uL) | Cr (mg/dL) |\n"
     "| 3/1  | 98         | 1.9        |\n"
@@ -88,8 +88,8 @@ def category(reason: str | None) -> str | None:
     ("atrial_fibrillation", "on apixaban", {"value_bool": True}, NO_MENTION),  # grounded, names nothing asked
     ("atrial_fibrillation", "chronic atrial fibrillation, rate controlled", {"value_bool": True}, NOT_GROUNDED),
     ("atrial_fibrillation", None, {"value_bool": True}, NO_QUOTE),
-    ("atrial_fibrillation", None, {"value_bool": False}, None),               # "no", nothing quoted: not in note
-    ("prior_stroke_tia", "no history of stroke", {"value_bool": False}, None),
+    ("schizophrenia", None, {"value_bool": False}, None),                     # "no", nothing quoted: not in note
+    ("prior_stroke_tia", "denies prior stroke", {"value_bool": False}, None),
     ("creatinine_max", "Cr 2 mg/dL", {"value_num": 2.0, "unit": "mg/dL"}, NOT_GROUNDED),
     ("platelets_min", "platelets 98,000/mm3", {"value_num": 98.0, "unit": "10^3/uL"}, None),
     ("platelets_min", "platelets", {"value_num": 103.1, "unit": "10^3/uL"}, VALUE_NOT_IN_QUOTE),
@@ -171,8 +171,68 @@ def test_model_mode_keeps_the_failed_answer_marked_unverified():
     assert out["verification"].startswith(VALUE_NOT_IN_QUOTE) and "cue answer" not in out["verification"]
 
 
-def test_not_in_note_and_errors_are_not_checked():
+def test_errors_are_not_checked_and_not_in_note_is():
     rows = [{"question": "creatinine_max", "route": "model", "raw": {"evidence": "", "value": None, "unit": None}},
-            {"question": "creatinine_max", "route": "model", "raw": {"evidence": "Cr 99", "value": "99", "unit": "mg/dL"}}]
+            {"question": "creatinine_max", "route": "model", "raw": {"evidence": "Cr 99", "value": "99", "unit": "mg/dL"}},
+            {"question": "atrial_fibrillation", "route": "model", "raw": {"evidence": "", "answer": "not_in_note"}},
+            {"question": "schizophrenia", "route": "model", "raw": {"evidence": "", "answer": "not_in_note"}}]
     out = answer_rows(generated_batch(rows), plan_in("model")).to_pylist()
-    assert [(r["status"], r["verified"]) for r in out] == [("not_in_note", None), ("error", None)]
+    assert [(r["status"], r["verified"]) for r in out] == [("not_in_note", True), ("error", None), ("not_in_note", False),
+                                                           ("not_in_note", True)]
+    assert out[2]["verification"].startswith(NOT_IN_NOTE_CONTRADICTED) and "atrial fibrillation" in out[2]["verification"]
+
+
+def test_a_not_in_note_against_a_value_the_cues_read_gives_way_in_hybrid_mode():
+    row = {"question": "platelets_min", "route": "model", "raw": {"evidence": "", "value": None, "unit": None},
+           "cue": {"evidence": "platelets 98,000/mm3", "value": "98000", "unit": "/mm3"}}
+    out = answer_rows(generated_batch([row]), plan_in("hybrid")).to_pylist()[0]
+    assert (out["status"], out["value_num"], out["verified"], out["model"]) == ("answered", 98000.0, False, "cues")
+    assert out["verification"].startswith(NOT_IN_NOTE_CONTRADICTED) and "98000 /mm3" in out["verification"]
+
+
+# --- a "yes" must quote a mention that counts for the patient in its context ---------------------------------------
+@pytest.mark.parametrize("question, quote, expected", [
+    ("atrial_fibrillation", "paroxysmal atrial fibrillation on apixaban", None),
+    ("prior_stroke_tia", "denies prior stroke", CONTEXT),         # negated: quoted, but it says the opposite
+    ("diabetes", "mother with diabetes", CONTEXT),                  # a family member's
+    ("hypertension", "HTN", None),
+])
+def test_a_yes_is_checked_against_the_context_of_the_mention_it_quotes(question, quote, expected):
+    contexts = NoteContexts(PLAN).of(NOTE)
+    row = model_row(question, quote, value_bool=True)
+    assert category(check_answer(row, NOTE, Q[question], contexts)) == expected
+
+
+def test_a_no_is_not_held_to_the_context_of_its_quote():
+    """A "no" quoting a negated mention is what a "no" should quote."""
+    row = model_row("prior_stroke_tia", "denies prior stroke", value_bool=False)
+    assert check_answer(row, NOTE, Q["prior_stroke_tia"], NoteContexts(PLAN).of(NOTE)) is None
+
+
+def test_the_chain_checks_the_context_of_a_yes():
+    wrong = {"question": "prior_stroke_tia", "route": "model", "raw": {"evidence": "denies prior stroke", "answer": "yes"},
+             "cue": {"evidence": "denies prior stroke", "answer": "no"}}
+    out = answer_rows(generated_batch([wrong]), plan_in("hybrid")).to_pylist()[0]
+    assert (out["value_bool"], out["verified"], out["model"]) == (False, False, "cues")
+    assert out["verification"].startswith(CONTEXT) and "negated" in out["verification"]
+
+
+@pytest.mark.parametrize("question, quote, expected", [
+    ("atrial_fibrillation", None, PASSED_OVER),                      # "no", nothing quoted, AF affirmed in the note
+    ("atrial_fibrillation", "on apixaban", NO_MENTION),
+    ("atrial_fibrillation", "paroxysmal atrial fibrillation on apixaban", None),  # it quotes the mention and disputes it
+    ("prior_stroke_tia", None, None),                                # the only mention is negated
+    ("diabetes", "mother with diabetes", None),                      # the only mention is a family member's
+])
+def test_a_no_must_not_pass_over_a_mention_that_counts(question, quote, expected):
+    row = model_row(question, quote, value_bool=False)
+    assert category(check_answer(row, NOTE, Q[question], NoteContexts(PLAN).of(NOTE))) == expected
+
+
+def test_a_no_passing_over_an_affirmed_mention_names_it():
+    note = "Denies AF today. PMH: paroxysmal atrial fibrillation on apixaban."
+    quote = "Denies AF today"
+    row = {**model_row("atrial_fibrillation", None, value_bool=False), "evidence": quote,
+           **dict(zip(("evidence_start", "evidence_end", "grounding"), locate(quote, note)))}
+    reason = check_answer(row, note, Q["atrial_fibrillation"], NoteContexts(PLAN).of(note))
+    assert category(reason) == PASSED_OVER and "paroxysmal atrial fibrillation" in reason
