@@ -28,10 +28,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", help="NOTES.parquet:GOLD.parquet (repeatable)")
     args = parser.parse_args()
 
-    from engine.evaluate import evaluate
-    from engine.inprocess import lexical_answers
+    from engine.reporting.evaluate import evaluate
+    from engine.tools.inprocess import lexical_answers
     from engine.job import load_job
-    from engine.recall import candidate_recall
+    from engine.tools.recall import candidate_recall
 
     job = load_job(args.job)
     for item in args.set or DEFAULT_SETS:

@@ -55,7 +55,7 @@ class PeakMemory:
 
 
 def write_extract(folder: Path, notes: int) -> None:
-    from engine.synthetic import make_extract
+    from engine.tools.synthetic import make_extract
 
     folder.mkdir(parents=True)
     for i, table in enumerate(make_extract(notes)):
@@ -88,7 +88,7 @@ def bare_ray_data(extract: Path, out: Path) -> int:
 def real_engine_run(extract: Path, out: Path) -> int:
     """The shipped job as it is (hybrid, the embedded CPU model) on the same generated notes."""
     from engine.job import load_job
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     job = load_job(ROOT / "jobs" / "apixaban.yaml")
     job = job.model_copy(update={
@@ -103,7 +103,7 @@ def real_engine_run(extract: Path, out: Path) -> int:
 
 def engine_run(extract: Path, out: Path) -> int:
     from engine.job import load_job
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     job = load_job(ROOT / "jobs" / "apixaban.yaml")
     job = job.model_copy(update={

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_engine(job, notes: int, output: Path, prefix: bool, extraction: dict, labels: str | None,
                constrained: bool = True) -> dict:
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     model = job.model.model_copy(update={"enable_prefix_caching": prefix, "constrained_decoding": constrained})
     extraction = job.extraction.model_copy(update=extraction)
@@ -53,7 +53,7 @@ def run_engine(job, notes: int, output: Path, prefix: bool, extraction: dict, la
 
 
 def _eval_summary(job, output: Path, labels: str) -> dict:
-    from engine.evaluate import evaluate_run
+    from engine.reporting.evaluate import evaluate_run
 
     evaluation, _, _ = evaluate_run(job, str(output), labels, output=str(output))
     overall = {row["metric"]: row["value"] for row in evaluation.table.to_pylist() if row["metric"].startswith("mean_")}

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def per_note_correct(job, answers, labels) -> dict[str, dict[str, bool]]:
     """{question id: {note id: answered correctly}} under engine eval's definitions."""
-    from engine.evaluate import match_labels, numeric_counts, yes_no_counts
+    from engine.reporting.evaluate import match_labels, numeric_counts, yes_no_counts
 
     matched, _ = match_labels(answers, labels, job)
     result: dict[str, dict[str, bool]] = {}
@@ -56,15 +56,15 @@ def per_note_correct(job, answers, labels) -> dict[str, dict[str, bool]]:
 
 
 def summary(job, answers, labels) -> dict:
-    from engine.evaluate import evaluate
+    from engine.reporting.evaluate import evaluate
 
     rows = evaluate(job, answers, labels).table.to_pylist()
     return {r["metric"]: (r["value"], r["ci_low"], r["ci_high"]) for r in rows if r["metric"] in ("mean_balanced_accuracy", "mean_accuracy")}
 
 
 def run_leg(job, mode: str, notes: str, output: Path) -> tuple:
-    from engine.output import read_answers
-    from engine.pipeline import run_job
+    from engine.store.layout import read_answers
+    from engine.run import run_job
 
     job = job.model_copy(update={
         "input": job.input.model_copy(update={"uri": notes, "limit": None}),
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args()
 
-    from engine.inprocess import lexical_answers
+    from engine.tools.inprocess import lexical_answers
     from engine.job import load_job
 
     job = load_job(args.job)

@@ -39,7 +39,7 @@ class ExtractionMode(str, Enum):
 
 
 def _load(job_path: Path, input_uri: str | None = None, output_uri: str | None = None, mode: str | None = None) -> JobSpec:
-    from engine.rules import check_rules
+    from engine.cohort.rules import check_rules
 
     job = load_job(job_path)
     if mode:
@@ -65,7 +65,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray and vLLM logs (they never contain note text at the default level).")] = False,
 ) -> None:
     """Answer every question for every note, apply the rules, write answers/, patients/ and report.json."""
-    from engine.pipeline import run_job
+    from engine.run import run_job
     from engine.progress import RunProgress
 
     try:
@@ -132,10 +132,10 @@ def rules(
 ) -> None:
     """Re-screen from existing answers after changing rules or thresholds: no model, seconds. Writes patients/ and
     report.json's cohort (status counts and funnel)."""
-    from engine.answers_db import answers_dataset
-    from engine.output import OutputStore
-    from engine.report import with_rules_cohort
-    from engine.rules import screen
+    from engine.store.answers import answers_dataset
+    from engine.store.layout import OutputStore
+    from engine.reporting.report import with_rules_cohort
+    from engine.cohort.rules import screen
 
     started = time.perf_counter()
     try:
@@ -181,7 +181,7 @@ def export(
     file_format: Annotated[FileFormat, typer.Option("--file-format", help="parquet, csv (header row, quoted text) or both.")] = FileFormat.parquet,
 ) -> None:
     """Export answers to a standard table: OMOP CDM v5.4 NOTE_NLP (answered rows; not-in-note and error rows are skipped)."""
-    from engine.export import export_note_nlp
+    from engine.reporting.export import export_note_nlp
 
     try:
         job = _load(job_path)
@@ -208,7 +208,7 @@ def estimate(
     """Project wall time, GPU-hours and dollars for N patients from the job's token counts and a throughput profile."""
     from engine.estimate import calibrate as run_calibration
     from engine.estimate import measure_workload, project, shipped_profiles
-    from engine.output import OutputStore
+    from engine.store.layout import OutputStore
 
     try:
         job = _load(job_path)
@@ -259,9 +259,9 @@ def evaluate_answers(
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed, so the intervals repeat.")] = 0,
 ) -> None:
     """Score answers against gold labels: balanced accuracy and F1 per yes/no question, accuracy per numeric question, 95% CIs."""
-    from engine.evaluate import evaluate_run
-    from engine.html_report import write_report_html
-    from engine.output import OutputStore
+    from engine.reporting.evaluate import evaluate_run
+    from engine.reporting.html import write_report_html
+    from engine.store.layout import OutputStore
 
     try:
         job = _load(job_path)
@@ -278,7 +278,7 @@ def evaluate_answers(
 def print_evaluation(evaluation) -> None:
     from rich import box
 
-    from engine.evaluate import METRIC_NAMES, matching_line, overall_line
+    from engine.reporting.evaluate import METRIC_NAMES, matching_line, overall_line
 
     table = Table(title="Evaluation (95% CI: bootstrap over notes; patients for criteria)", box=box.SIMPLE_HEAD)
     for name in ("question / criterion", "n", "metric", "value [95% CI]", "errors"):
@@ -297,7 +297,7 @@ def print_evaluation(evaluation) -> None:
 
 
 def _value_with_interval(row: dict) -> str:
-    from engine.evaluate import fmt, fmt_interval
+    from engine.reporting.evaluate import fmt, fmt_interval
 
     value = fmt(row["value"])
     return value if value == "-" else f"{value} [{fmt_interval(row['ci_low'], row['ci_high'])}]"

@@ -78,7 +78,7 @@ def e2e_input(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def e2e_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_input):
     """The real pipeline once: local Ray, a real vLLM CPU engine with a tiny random model, bundled and bad notes."""
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     output = tmp_path_factory.mktemp("e2e-output")
     job = job_for(apixaban_job, model=str(tiny_model), output=output, input_uri=str(e2e_input),
@@ -90,7 +90,7 @@ def e2e_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_input):
 @pytest.fixture(scope="session")
 def e2e_hybrid_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_input):
     """The hybrid path on the real stack: every pair with a cue mention to vLLM, shown only the text around it."""
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     output = tmp_path_factory.mktemp("e2e-hybrid")
     job = job_for(apixaban_job, model=str(tiny_model), output=output, input_uri=str(e2e_input),

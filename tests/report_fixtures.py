@@ -2,7 +2,7 @@
 
 Used by the eval, HTML report and browser tests. Answers come from data/sample_gold.parquet (so a perfect
 predictor is at hand), a few rows are turned into errors, and answers/, patients/ and report.json are written
-with OutputStore, engine.rules.screen and engine.report.build_report as `engine run` writes them.
+with OutputStore, engine.cohort.rules.screen and engine.reporting.report.build_report as `engine run` writes them.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.job import JobSpec
-from engine.output import OutputStore, answer_schema, to_answer_table
-from engine.pipeline import RunStats
-from engine.report import build_report
-from engine.rules import screen
+from engine.store.layout import OutputStore, answer_schema, to_answer_table
+from engine.run import RunStats
+from engine.reporting.report import build_report
+from engine.cohort.rules import screen
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLD = ROOT / "data" / "sample_gold.parquet"

@@ -1,7 +1,7 @@
 """Candidates: find the evidence first, and route each (note, question) to the model only where it can answer.
 
-Per note, once: every question's cue mentions (engine.cues), then one medspaCy pass for their context
-(engine.context). Per (note, question), a cue answer in the answer schema's JSON (so parse and ground treat it
+Per note, once: every question's cue mentions (engine.stages.cues), then one medspaCy pass for their context
+(engine.stages.context). Per (note, question), a cue answer in the answer schema's JSON (so parse and ground treat it
 like a model's) and a route:
 
   no_candidate  no mention: decided without the model (not in note; "no" for absent: "no" questions)
@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.context import Context, contexts
-from engine.cues import LabValue, Match, find_mentions, read_values
+from engine.stages.context import Context, contexts
+from engine.stages.cues import LabValue, Match, find_mentions, read_values
 from engine.job import QuestionSpec
 from engine.plan import Plan, PlannedQuestion
 

@@ -12,7 +12,7 @@ answer (route `model`, status `answered` or `not_in_note`) is verified when:
     few lines above it (a table's header);
   * yes/no: the quote overlaps a mention of the question's cues in the note (or, for a question without cues, one
     of the question's own content words); for a "yes", at least one such mention must count for the patient in
-    its clinical context (medspaCy ConText, engine.context, the same reading the cues use: a "yes" that quotes
+    its clinical context (medspaCy ConText, engine.stages.context, the same reading the cues use: a "yes" that quotes
     only "no h/o stroke", a family member's or a hypothetical mention, each as the question's `ignore` says, is
     not supported by its own quote). A "no" must not pass over a mention that counts: every mention of the note
     that counts for the patient must lie inside its quote (a "no" quoting "denies stroke" while the note also says
@@ -26,7 +26,7 @@ Columns added: `verified` (true / false; null where there was no model answer to
 and `verification` (why it failed). In hybrid mode a failed model answer gives way to the cue answer of the
 same (note, question) (`model` becomes `cues`, `verified` stays false and the reason ends with "the cue answer
 stands"); in model mode it is kept, and the roll-up does not let it decide a criterion
-(engine.rollup: `<question>__unverified`).
+(engine.cohort.rollup: `<question>__unverified`).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.context import contexts
-from engine.cues import find_mentions
+from engine.stages.context import contexts
+from engine.stages.cues import find_mentions
 from engine.plan import Plan, PlannedQuestion
 from engine.stages.generate import CUE_MODEL_NAME
 from engine.stages.ground import fold, locate, text_lookup
 from engine.stages.parse import parse_one
 from engine.stages.prompt import SYSTEM_PROMPT, unit_hint
-from engine.units import conversion_factor
+from engine.cohort.units import conversion_factor
 
 VERIFY_COLUMNS = {"verified": pa.bool_(), "verification": pa.string()}
 HEADER_LINES = 3  # a numeric quote's lab name may stand this many lines above it (a table's header row)
@@ -150,7 +150,7 @@ def _folded_prompt(question: str, hint: str) -> str:
 
 def check_answer(row: dict, text: str, question: PlannedQuestion, context_of=None) -> str | None:
     """None when a model's answered row holds up against its note, else the failure category with details.
-    `context_of(start, end)` gives a cue mention's Context (engine.context); without it a "yes" is not checked
+    `context_of(start, end)` gives a cue mention's Context (engine.stages.context); without it a "yes" is not checked
     against the context of the mention it quotes."""
     quote = row["evidence"]
     spec = question.spec

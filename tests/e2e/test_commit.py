@@ -1,4 +1,4 @@
-"""The ledger (engine.commit) on the session's local Ray: a shard is committed as soon as its last part is
+"""The ledger (engine.store.commit) on the session's local Ray: a shard is committed as soon as its last part is
 reported, while other shards are still incomplete, and a part reported twice (a retried batch) counts once."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.commit import ShardLedger
-from engine.output import ANSWERS, OutputStore
+from engine.store.commit import ShardLedger
+from engine.store.layout import ANSWERS, OutputStore
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def test_a_shard_is_committed_when_its_last_part_arrives(ray_local, tmp_path):
 def test_a_shard_its_actor_committed_counts_without_a_commit_task(ray_local, tmp_path):
     """A batch that held a whole shard wrote answers/<shard>.parquet itself (empty path): the ledger counts it
     committed at once, and the same report again (a retried batch) counts once."""
-    from engine.pipeline import stage_parts
+    from engine.run import stage_parts
 
     store = OutputStore(str(tmp_path / "out"), {})
     part = rows("s1", 0, 3)

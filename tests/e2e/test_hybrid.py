@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import E2E_NOTES, GOLD, SAMPLE_NOTES, job_for
-from engine.output import read_answers
+from engine.store.layout import read_answers
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +43,8 @@ def test_windows_prompts_are_shorter_than_whole_notes(e2e_run, e2e_hybrid_run):
 
 def test_lexical_mode_on_the_bundled_gold(apixaban_job, ray_local, tmp_path):
     """No model at all: the cue answers through the Ray pipeline, scored by engine eval against the gold."""
-    from engine.evaluate import evaluate
-    from engine.pipeline import run_job
+    from engine.reporting.evaluate import evaluate
+    from engine.run import run_job
 
     job = job_for(apixaban_job, model="none", output=tmp_path / "lexical", input_uri=str(SAMPLE_NOTES),
                   extraction={"mode": "lexical"})

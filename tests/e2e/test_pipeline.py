@@ -16,7 +16,7 @@ import pytest
 
 from conftest import E2E_NOTES, E2E_SAMPLE_NOTES, job_for
 from engine.errors import OutputError
-from engine.output import ANSWER_COLUMNS, read_answers
+from engine.store.layout import ANSWER_COLUMNS, read_answers
 
 pytestmark = pytest.mark.e2e
 
@@ -124,10 +124,10 @@ def test_patients_and_report_written(e2e_run):
 
 def test_the_engines_answers_take_the_columnar_rollup(e2e_run):
     """The committed answers (bad rows, truncated notes, duplicates included) are in the note-major layout that
-    engine.rollup_columnar needs, and its patient table is the SQL roll-up's."""
-    from engine.answers_db import answers_dataset
-    from engine.rollup import _schema_for, rollup_sql
-    from engine.rollup_columnar import columnar_rollup
+    engine.cohort.columnar needs, and its patient table is the SQL roll-up's."""
+    from engine.store.answers import answers_dataset
+    from engine.cohort.rollup import _schema_for, rollup_sql
+    from engine.cohort.columnar import columnar_rollup
 
     job, _, _, output = e2e_run
     answers = answers_dataset(str(output))
@@ -137,7 +137,7 @@ def test_the_engines_answers_take_the_columnar_rollup(e2e_run):
 
 
 def test_rerun_of_finished_job_does_nothing(e2e_run):
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     job, report, _, output = e2e_run
     before = sorted((output / "answers").iterdir())
@@ -148,7 +148,7 @@ def test_rerun_of_finished_job_does_nothing(e2e_run):
 
 
 def test_output_of_another_job_is_refused(e2e_run):
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     job, _, _, _ = e2e_run
     changed = job.model_copy(update={"questions": job.questions[:-1]})
@@ -158,7 +158,7 @@ def test_output_of_another_job_is_refused(e2e_run):
 
 def test_null_backend_runs_the_same_pipeline(apixaban_job, ray_local, tmp_path):
     """The benchmark backend goes through the same stages and output code."""
-    from engine.pipeline import run_job
+    from engine.run import run_job
 
     job = job_for(apixaban_job, model="null", backend="null", output=tmp_path / "out")
     report, _ = run_job(job, limit=6)
@@ -174,8 +174,8 @@ def test_read_stage_is_fused_with_the_repartition(apixaban_job, ray_local, tmp_p
     dataset's CPU budget (the model actors' CPUs plus `read_tasks`)."""
     from ray.data.dataset import explain_plan
 
-    from engine.output import answer_schema
-    from engine.pipeline import build_dataset
+    from engine.store.layout import answer_schema
+    from engine.run import build_dataset
     from engine.stages.read import plan_input
 
     job = job_for(apixaban_job, model="null", backend="null", output=tmp_path / "out")

@@ -20,8 +20,8 @@ from report_fixtures import (
     write_output_folder,
 )
 
-from engine.evaluate import evaluate, to_markdown, write_evaluation
-from engine.html_report import (
+from engine.reporting.evaluate import evaluate, to_markdown, write_evaluation
+from engine.reporting.html import (
     CRITERION_COLOURS,
     FUNNEL_COLOURS,
     REPORT_HTML,

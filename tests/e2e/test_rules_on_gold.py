@@ -1,5 +1,5 @@
 """Rules on gold answers: the synthetic sample's gold labels, screened with jobs/apixaban.yaml, must give the
-criterion states, status and reasons that engine.synthetic computed independently (sample_expected.parquet).
+criterion states, status and reasons that engine.tools.synthetic computed independently (sample_expected.parquet).
 
 No model and no Ray: this checks roll-up + units + rules against a second implementation of the trial logic.
 """
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.job import load_job
-from engine.rules import check_rules, screen
+from engine.cohort.rules import check_rules, screen
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"

@@ -258,7 +258,7 @@ def test_storage_problems_raise_engine_errors(s3, monkeypatch, tmp_path):
 
     from engine.errors import InputError, OutputError
     from engine.job import load_job
-    from engine.output import OutputStore
+    from engine.store.layout import OutputStore
     from engine.stages.read import plan_input
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key_id)

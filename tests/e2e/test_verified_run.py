@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import E2E_NOTES
-from engine.inprocess import lexical_answers
-from engine.output import read_answers
+from engine.tools.inprocess import lexical_answers
+from engine.store.layout import read_answers
 from engine.plan import make_plan
 from engine.stages.verify import CUE_ANSWER_STANDS, NoteContexts, check_row
 

@@ -1,10 +1,10 @@
-"""engine.answers_db: the report's aggregates over committed answers."""
+"""engine.store.answers: the report's aggregates over committed answers."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from engine.answers_db import answer_totals
+from engine.store.answers import answer_totals
 
 
 def test_report_totals_count_each_truncated_note_once():

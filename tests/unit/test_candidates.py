@@ -89,8 +89,8 @@ def test_stage_adds_its_columns_and_skips_failed_notes(apixaban_job, mode):
 
 
 def test_windows_merge_overlaps():
-    from engine.context import Context
-    from engine.cues import Match
+    from engine.stages.context import Context
+    from engine.stages.cues import Match
     from engine.stages.candidates import Mention
 
     context = Context(frozenset(), 0, 0, None)

@@ -164,9 +164,9 @@ def test_rules_leaves_patients_parquet_only_and_puts_the_funnel_in_report_json(t
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from engine.answers_db import answers_dataset
+    from engine.store.answers import answers_dataset
     from engine.job import load_job
-    from engine.rules import screen
+    from engine.cohort.rules import screen
 
     out = tmp_path / "out"
     _run_output(out)

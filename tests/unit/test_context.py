@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from engine.context import contexts
+from engine.stages.context import contexts
 from engine.job import ContextRuleSpec
 
 NOTE = """Past Medical History:

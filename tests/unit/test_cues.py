@@ -1,11 +1,11 @@
-"""Cue matching and lab-value reading on the shapes real notes have (engine.cues: pure, no NLP pipeline)."""
+"""Cue matching and lab-value reading on the shapes real notes have (engine.stages.cues: pure, no NLP pipeline)."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, strategies as st
 
-from engine.cues import find_mentions, read_values
+from engine.stages.cues import find_mentions, read_values
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""engine.evaluate: a perfect predictor scores 1.0 everywhere, corrupted predictions score exactly what a hand count
+"""engine.reporting.evaluate: a perfect predictor scores 1.0 everywhere, corrupted predictions score exactly what a hand count
 says, metric properties hold (hypothesis), and `engine eval` writes eval.md, eval.parquet and report.html."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.errors import EngineError, InputError
-from engine.evaluate import (
+from engine.reporting.evaluate import (
     EVAL_MARKDOWN,
     EVAL_PARQUET,
     balanced_accuracy,
@@ -33,7 +33,7 @@ from engine.evaluate import (
     yes_no_counts,
 )
 from engine.job import JobSpec, load_job
-from engine.output import OutputStore
+from engine.store.layout import OutputStore
 
 DRAWS = 200  # enough to check intervals; the CLI default is 1000
 

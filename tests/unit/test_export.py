@@ -1,6 +1,6 @@
-"""engine.export and `engine export --format omop-note-nlp`: answers/ as OMOP CDM v5.4 NOTE_NLP rows.
+"""engine.reporting.export and `engine export --format omop-note-nlp`: answers/ as OMOP CDM v5.4 NOTE_NLP rows.
 
-Answer tables are built with the engine's own answers schema (engine.output) and, for the command, committed as
+Answer tables are built with the engine's own answers schema (engine.store.layout) and, for the command, committed as
 real Parquet shards with OutputStore, as `engine run` writes them."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from engine import __version__
 from engine.cli import app
 from engine.errors import EngineError, ExportError
-from engine.export import NOTE_NLP_SCHEMA, export_note_nlp, note_nlp_table, rows_by_status, write_note_nlp
+from engine.reporting.export import NOTE_NLP_SCHEMA, export_note_nlp, note_nlp_table, rows_by_status, write_note_nlp
 from engine.job import JobSpec
-from engine.output import ANSWER_COLUMNS, MANIFEST, OutputStore, answer_schema, to_answer_table
+from engine.store.layout import ANSWER_COLUMNS, MANIFEST, OutputStore, answer_schema, to_answer_table
 
 CDM_COLUMNS = [  # OMOP CDM v5.4 NOTE_NLP, in the CDM's order
     "note_nlp_id", "note_id", "section_concept_id", "snippet", "offset", "lexical_variant", "note_nlp_concept_id",

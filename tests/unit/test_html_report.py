@@ -1,4 +1,4 @@
-"""engine.html_report: one self-contained page with the run's figures, funnel, criteria, answers, grounding and
+"""engine.reporting.html: one self-contained page with the run's figures, funnel, criteria, answers, grounding and
 (after `engine eval`) the evaluation; built here from an output folder written by engine's own writers."""
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from report_fixtures import (
     write_output_folder,
 )
 
-from engine.evaluate import evaluate, to_markdown, write_evaluation
-from engine.html_report import REPORT_HTML, nice_ticks, render_report, write_report_html
+from engine.reporting.evaluate import evaluate, to_markdown, write_evaluation
+from engine.reporting.html import REPORT_HTML, nice_ticks, render_report, write_report_html
 from engine.job import load_job
-from engine.rules import apply_rules
+from engine.cohort.rules import apply_rules
 
 NOTES = 12
 
@@ -190,8 +190,8 @@ def test_ticks_are_round_and_cover_the_range(maximum, count):
 
 
 def test_histogram_values_are_converted_like_to_canonical(job):
-    from engine.html_report import canonical_values
-    from engine.units import to_canonical
+    from engine.reporting.html import canonical_values
+    from engine.cohort.units import to_canonical
 
     values, units = [1.0, 88.4, 2.0, 3.0, float("inf")], ["mg/dL", "µmol/l", None, "furlongs", "mg/dL"]
     question = job.question("creatinine_max")

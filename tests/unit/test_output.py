@@ -1,4 +1,4 @@
-"""engine.output: manifest, atomic shard commits, resume, refusal of another job's folder, shard collection."""
+"""engine.store.layout: manifest, atomic shard commits, resume, refusal of another job's folder, shard collection."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import OutputError
 from engine.job import JobSpec, load_job
-from engine.output import (ANSWER_COLUMNS, ANSWERS, MANIFEST, OutputStore, ShardCollector, answer_schema, read_answers,
+from engine.store.layout import (ANSWER_COLUMNS, ANSWERS, MANIFEST, OutputStore, ShardCollector, answer_schema, read_answers,
                            to_answer_table)
 from engine.stages.read import plan_input
 
@@ -234,7 +234,7 @@ def test_a_shard_is_written_in_row_order_with_statistics_where_readers_filter(st
     order are written as they are. Min/max statistics are kept only for the columns readers filter on."""
     import pyarrow.parquet as pq
 
-    from engine.output import ANSWER_STATISTICS
+    from engine.store.layout import ANSWER_STATISTICS
 
     store.prepare(JOB, inputs, None, False)
     shuffled = pa.concat_tables([answers("s1", ["c"], first_row=2), answers("s1", ["a", "b"])])

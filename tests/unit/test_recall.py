@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from conftest import GOLD, SAMPLE_NOTES
 from engine.backends import Request, load_backend
 from engine.plan import make_plan
-from engine.recall import candidate_recall
+from engine.tools.recall import candidate_recall
 
 
 def test_candidate_recall_on_the_bundled_gold(apixaban_job):

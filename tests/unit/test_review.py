@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from report_fixtures import ROOT, gold_answers, write_output_folder
 
-from engine.answers_db import answers_dataset
+from engine.store.answers import answers_dataset
 from engine.job import JobSpec, load_job
-from engine.rollup import ANSWER_COLUMNS
-from engine.rules import screen
+from engine.cohort.rollup import ANSWER_COLUMNS
+from engine.cohort.rules import screen
 
 T0 = datetime(2150, 1, 1)
 SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "age": pa.int64()})

@@ -1,4 +1,4 @@
-"""engine.rollup: per-note answers to one row per patient, with Kleene any/all, max/min/latest and sources."""
+"""engine.cohort.rollup: per-note answers to one row per patient, with Kleene any/all, max/min/latest and sources."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.job import JobSpec
-from engine.rollup import ANSWER_COLUMNS, patient_schema, rollup_answers
+from engine.cohort.rollup import ANSWER_COLUMNS, patient_schema, rollup_answers
 
 JOB = JobSpec.model_validate({
     "name": "rollup-test",
@@ -246,7 +246,7 @@ def test_numeric_rollups_match_the_reference(readings, how):
 
 def test_patient_range_passes_give_the_same_table(monkeypatch):
     """Large inputs are rolled up patient range by range (PASS_ROWS rows a pass): the result must not change."""
-    import engine.rollup
+    import engine.cohort.rollup
 
     rows = []
     for p in range(7):
@@ -257,7 +257,7 @@ def test_patient_range_passes_give_the_same_table(monkeypatch):
                      num("weight", note, 50.0 + n, "kg", patient_id=f"p{p}", charttime=T0 + timedelta(days=n))]
     table = answers(*rows)
     whole = rollup_answers(table, JOB)
-    monkeypatch.setattr(engine.rollup, "PASS_ROWS", 10)  # 63 rows: 7 passes of one patient
+    monkeypatch.setattr(engine.cohort.rollup, "PASS_ROWS", 10)  # 63 rows: 7 passes of one patient
     assert rollup_answers(table, JOB).to_pylist() == whole.to_pylist()
     assert rollup_answers(table, JOB).schema == whole.schema
 
@@ -265,7 +265,7 @@ def test_patient_range_passes_give_the_same_table(monkeypatch):
 def test_committed_parquet_files_roll_up_like_the_table(tmp_path):
     import pyarrow.parquet as pq
 
-    from engine.answers_db import answers_dataset
+    from engine.store.answers import answers_dataset
 
     table = answers(yn("yn_any", "n1", value=True), num("crea_max", "n2", 1.5, "mg/dL", patient_id="p2"),
                     yn("yn_all", "n3", value=False, patient_id="p2"))

@@ -1,4 +1,4 @@
-"""engine.rollup_columnar: on the engine's note-major layout the numpy roll-up gives the SQL roll-up's table."""
+"""engine.cohort.columnar: on the engine's note-major layout the numpy roll-up gives the SQL roll-up's table."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.answers_db import answers_dataset
+from engine.store.answers import answers_dataset
 from engine.job import JobSpec
-from engine.rollup import ANSWER_COLUMNS, _schema_for, rollup_answers, rollup_sql
-from engine.rollup_columnar import columnar_rollup
+from engine.cohort.rollup import ANSWER_COLUMNS, _schema_for, rollup_answers, rollup_sql
+from engine.cohort.columnar import columnar_rollup
 from test_rollup import JOB
 
 QUESTIONS = JOB.model_dump()["questions"]  # any/all yes_no, max/min/latest numeric with units and a cap

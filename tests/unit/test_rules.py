@@ -1,4 +1,4 @@
-"""engine.rules: SQL rules with Kleene logic, per-criterion unknown handling, status, reasons, funnel, checks."""
+"""engine.cohort.rules: SQL rules with Kleene logic, per-criterion unknown handling, status, reasons, funnel, checks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from engine.errors import JobError
 from engine.job import JobSpec, load_job
-from engine.rollup import ANSWER_COLUMNS, patient_schema
-from engine.rules import apply_rules, check_rules, cohort_funnel, sandbox, screen
+from engine.cohort.rollup import ANSWER_COLUMNS, patient_schema
+from engine.cohort.rules import apply_rules, check_rules, cohort_funnel, sandbox, screen
 
 APIXABAN = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
 TYPES = {"sex": pa.string(), "age": pa.int64()}

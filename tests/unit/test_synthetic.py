@@ -1,4 +1,4 @@
-"""The synthetic sample (engine.synthetic): committed files, schema, gold sanity, hard cases, fast extract."""
+"""The synthetic sample (engine.tools.synthetic): committed files, schema, gold sanity, hard cases, fast extract."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from engine import synthetic as syn
+from engine.tools import synthetic as syn
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"
@@ -45,10 +45,10 @@ def _plain(text: str) -> str:
 @pytest.mark.parametrize("name", ["notes", "gold", "expected"])
 def test_committed_parquet_equals_regenerated(sample, name):
     path = DATA / f"sample_{name}.parquet"
-    assert path.exists(), f"{path} missing: run `python -m engine.synthetic --out data`"
+    assert path.exists(), f"{path} missing: run `python -m engine.tools.synthetic --out data`"
     committed = pq.read_table(path)
     assert committed.schema.equals(sample[name].schema)
-    assert committed.equals(sample[name]), f"{path} is stale: run `python -m engine.synthetic --out data`"
+    assert committed.equals(sample[name]), f"{path} is stale: run `python -m engine.tools.synthetic --out data`"
 
 
 def test_generation_is_deterministic(sample):
@@ -338,7 +338,7 @@ def test_decide_kleene_logic():
 def test_expected_agrees_with_the_engine_rules(sample, gold):
     """Feeding the gold answers through the engine's roll-up and rules gives the independently computed decision."""
     from engine.job import load_job
-    from engine.rules import screen
+    from engine.cohort.rules import screen
 
     job = load_job(JOB)
     notes = {r["note_id"]: r for r in sample["notes"].to_pylist()}

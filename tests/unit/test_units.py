@@ -1,4 +1,4 @@
-"""engine.units: unit spellings onto job keys, conversion to the canonical unit, refusal of unknown units."""
+"""engine.cohort.units: unit spellings onto job keys, conversion to the canonical unit, refusal of unknown units."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.job import QuestionSpec, load_job
-from engine.units import match_unit, normalise_unit, to_canonical
+from engine.cohort.units import match_unit, normalise_unit, to_canonical
 
 JOB = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
 NUMERIC = [q for q in JOB.questions if q.type == "numeric"]

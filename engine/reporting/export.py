@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from engine import __version__
-from engine.answers_db import Answers, answers_dataset, connect, query_dicts
+from engine.store.answers import Answers, answers_dataset, connect, query_dicts
 from engine.errors import ExportError
 from engine.job import JobSpec
 
@@ -151,7 +151,7 @@ def rows_by_status(answers: Answers) -> dict[str, int]:
 
 def write_note_nlp(table: pa.Table, output_uri: str, file_format: str = "parquet", storage_options: dict | None = None) -> list[str]:
     """Write note_nlp.parquet and/or note_nlp.csv (header row, RFC 4180 quoting) to a folder; return their paths."""
-    from engine.output import OutputStore
+    from engine.store.layout import OutputStore
     from engine.storage import join
 
     if file_format not in FILE_FORMATS:
@@ -201,7 +201,7 @@ def export_note_nlp(job: JobSpec, answers_uri: str, output_uri: str, file_format
 
 def run_started(run_folder: str, storage_options: dict | None = None) -> datetime | None:
     """When `engine run` first wrote this output folder (its _engine.json's `created`, UTC); None if unknown."""
-    from engine.output import MANIFEST, OutputStore
+    from engine.store.layout import MANIFEST, OutputStore
 
     try:
         manifest = OutputStore(run_folder, dict(storage_options or {}))._read_json(MANIFEST) or {}

@@ -1,6 +1,6 @@
 """Clinical context of cue mentions with medspaCy: sentences (PyRuSH), sections and ConText flags.
 
-The cue regexes (engine.cues) find the spans; sentences come from line and punctuation rules (or PyRuSH, as
+The cue regexes (engine.stages.cues) find the spans; sentences come from line and punctuation rules (or PyRuSH, as
 the job says); medspaCy says whether each is negated ("no AF on telemetry"),
 a family member's ("Mother had a stroke"), hypothetical ("if AF recurs"), historical, uncertain, or
 resolved (the job's own ConText rules, e.g. "AF in the setting of sepsis, resolved"). A mention in a

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from engine.job import QuestionSpec
-from engine.units import match_unit
+from engine.cohort.units import match_unit
 
 # Words that may stand between a lab name and its values, or between two values of one lab.
 CONNECTING_WORDS = frozenset("""

@@ -192,7 +192,7 @@ def interval_plot(chart_id: str, rows: list[dict]) -> str:
 # --- data to rows ----------------------------------------------------------------------------------------------
 def answer_rows(answers, job: JobSpec | None) -> list[dict]:
     """One bar per question from the per-(question, category) counts (SQL over a table or the committed files)."""
-    from engine.answers_db import answer_categories
+    from engine.store.answers import answer_categories
 
     by_question = answer_categories(answers)
     order = [q.id for q in job.questions if q.id in by_question] if job else []
@@ -210,7 +210,7 @@ def answer_rows(answers, job: JobSpec | None) -> list[dict]:
 def numeric_values(answers, job: JobSpec | None) -> list[tuple[str, np.ndarray, np.ndarray, str, int]]:
     """(question id, distinct numbers in the canonical unit, their row counts, unit, numbers left out for an
     unaccepted unit) per numeric question, from the distinct answered numbers (never the whole table)."""
-    from engine.answers_db import answered_numbers
+    from engine.store.answers import answered_numbers
 
     numbered = answered_numbers(answers)
     questions = [q for q in job.questions if q.type == "numeric"] if job else []
@@ -230,8 +230,8 @@ def numeric_values(answers, job: JobSpec | None) -> list[tuple[str, np.ndarray, 
 
 
 def canonical_values(values: np.ndarray, units: pa.ChunkedArray, question) -> np.ndarray:
-    """engine.units.to_canonical over a column: one factor per distinct unit spelling, NaN where not accepted."""
-    from engine.units import conversion_factor
+    """engine.cohort.units.to_canonical over a column: one factor per distinct unit spelling, NaN where not accepted."""
+    from engine.cohort.units import conversion_factor
 
     spellings = pc.unique(units).to_pylist()
     factors = np.array([conversion_factor(u, question) or np.nan for u in spellings], dtype=float)
@@ -360,7 +360,7 @@ def answer_sections(answers, job: JobSpec | None) -> str:
 
 
 def grounding_section(report: dict | None, answers) -> str:
-    from engine.answers_db import answer_totals
+    from engine.store.answers import answer_totals
 
     counts = dict((report or {}).get("grounding") or {})
     if report is None and answers is not None and "grounding" in answers.schema.names:  # a report already counted them
@@ -396,7 +396,7 @@ def verification_section(report: dict | None) -> str:
 
 
 def evaluation_section(evaluation: pa.Table, summary: dict) -> str:
-    from engine.evaluate import DEFINITIONS, METRIC_NAMES, fmt, fmt_interval
+    from engine.reporting.evaluate import DEFINITIONS, METRIC_NAMES, fmt, fmt_interval
 
     records = evaluation.to_pylist()
     headline = [r for r in records if r["scope"] != "overall" and EVAL_HEADLINE.get(r["kind"]) == r["metric"]]
@@ -430,7 +430,7 @@ def render_report(report: dict | None = None, answers=None, patients: pa.Table |
 
     `answers` is a table or the committed files (a pyarrow dataset); only aggregates of it are read.
     """
-    from engine.answers_db import row_count
+    from engine.store.answers import row_count
 
     funnel = _funnel(report, patients, job)
     name = (report or {}).get("job") or (job.name if job else "engine run")
@@ -457,7 +457,7 @@ def render_report(report: dict | None = None, answers=None, patients: pa.Table |
 def _funnel(report: dict | None, patients: pa.Table | None, job: JobSpec | None) -> list[dict]:
     """The funnel of the patient table as it is now (after `engine rules`), else the one report.json recorded."""
     if job is not None and job.criteria and patients is not None and all(c.id in patients.column_names for c in job.criteria):
-        from engine.rules import cohort_funnel
+        from engine.cohort.rules import cohort_funnel
 
         return cohort_funnel(patients, job)
     return list(((report or {}).get("cohort") or {}).get("funnel") or [])
@@ -469,12 +469,12 @@ def write_report_html(store, job: JobSpec | None = None, *, report: dict | None 
 
     The evaluation is read from `store`'s eval.parquet when an eval has run there. Returns the file's path.
     """
-    from engine.evaluate import read_evaluation
+    from engine.reporting.evaluate import read_evaluation
 
     source = source or store
     report = report if report is not None else source._read_json("report.json")
     if answers is None:
-        from engine.answers_db import answers_dataset
+        from engine.store.answers import answers_dataset
 
         try:
             answers = answers_dataset(source.uri, source.storage_options)

@@ -2,7 +2,7 @@
 
 `make_sample` builds a small deterministic cohort: notes, per-(note, question) gold answers and the
 per-patient cohort decision; `make_extract` streams many notes fast (no gold) for benchmarks;
-`python -m engine.synthetic --out data` writes the bundled `data/sample_*.parquet` files.
+`python -m engine.tools.synthetic --out data` writes the bundled `data/sample_*.parquet` files.
 
 How gold stays right: every note is rendered from a `NotePlan` (which conditions it documents, which
 distractor sentences it carries, which lab values it reports). Gold comes from the plan, never from
@@ -1338,7 +1338,7 @@ def write_sample(out: Path, n_patients: int = 40, seed: int = 7) -> dict[str, Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.tools.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data", help="folder for sample_notes/gold/expected.parquet (default: data)")
     parser.add_argument("--patients", type=int, default=40)
     parser.add_argument("--seed", type=int, default=7)

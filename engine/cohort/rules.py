@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from engine.errors import JobError
 from engine.job import JobSpec
-from engine.rollup import patient_schema, rollup_answers
+from engine.cohort.rollup import patient_schema, rollup_answers
 
 STATES = ("met", "not_met", "unknown")
 RESERVED = ("patient_id", "n_notes", "status", "reasons")

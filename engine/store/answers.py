@@ -50,7 +50,7 @@ def row_count(answers: Answers | None) -> int:
 
 def connect(answers: Answers, name: str = "answers") -> duckdb.DuckDBPyConnection:
     """A sandboxed connection with `answers` registered as a view named `name`."""
-    from engine.rules import sandbox
+    from engine.cohort.rules import sandbox
 
     con = sandbox()
     con.register(name, answers)

@@ -256,7 +256,7 @@ class OutputStore:
 
 def read_answers(uri: str, storage_options: dict | None = None) -> pa.Table:
     """All committed answers under an output folder (or an answers/ folder itself), in memory."""
-    from engine.answers_db import answer_files
+    from engine.store.answers import answer_files
 
     fs, files = answer_files(uri, storage_options)
     tables = []

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from engine.errors import EngineError, InputError
 from engine.job import JobSpec, QuestionSpec
 from engine.storage import describe_error, filesystem
-from engine.units import to_canonical
+from engine.cohort.units import to_canonical
 
 DRAWS = 1000
 SEED = 0
@@ -42,7 +42,7 @@ DEFINITIONS = {
     "before dividing; the overall line pools all yes/no questions). FN includes gold 'yes' answered 'not in note' "
     "or error. Undefined (-) when neither gold nor prediction has a 'yes'.",
     "accuracy": "numeric: share of notes where the prediction equals the gold value within the question's "
-    "tolerance after both are converted to the canonical unit (engine.units.to_canonical, cap applied), or both "
+    "tolerance after both are converted to the canonical unit (engine.cohort.units.to_canonical, cap applied), or both "
     "say 'not in note'. Errors and unconvertible units are wrong.",
     "not_in_note_precision": "numeric: of the notes predicted 'not in note', the share whose gold is 'not in note'.",
     "not_in_note_recall": "numeric: of the notes whose gold is 'not in note', the share predicted 'not in note'.",
@@ -373,7 +373,7 @@ def question_items(job: JobSpec, matched: pa.Table, notes: pa.Array) -> list[_It
 
 def criterion_items(job: JobSpec, answers: pa.Table, criteria_labels: pa.Table) -> tuple[list[_Item], int, int]:
     """Criteria after roll-up and rules on the predictions, against gold states; (items, patients, unmatched)."""
-    from engine.rules import screen
+    from engine.cohort.rules import screen
 
     id_column = next((c for c in PATIENT_ID_COLUMNS if c in criteria_labels.column_names), None)
     if id_column is None:
@@ -459,7 +459,7 @@ def to_markdown(evaluation: Evaluation, job: JobSpec, predictions: str = "", lab
 def evaluate_run(job: JobSpec, predictions: str, labels: str, criteria_labels: str | None = None, output: str | None = None,
                  draws: int = DRAWS, seed: int = SEED) -> tuple[Evaluation, pa.Table, str]:
     """`engine eval`: read predictions and labels, score, write eval.md and eval.parquet; (evaluation, answers, folder)."""
-    from engine.output import OutputStore, read_answers
+    from engine.store.layout import OutputStore, read_answers
 
     answers = read_answers(predictions, job.output.storage_options)
     gold = read_parquet(labels, job.input.storage_options, LABEL_COLUMNS, "labels")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.inprocess import candidate_rows
+from engine.tools.inprocess import candidate_rows
 from engine.job import JobSpec
 
 

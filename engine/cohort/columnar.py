@@ -8,7 +8,7 @@ then an int64 among the notes that hold the best value), and numpy's `maximum.re
 winner at once. Measured at 1M notes (23M rows, 500k patients): about 3 s, against 10 s for the SQL roll-up's
 grouped arg_max over 7.5M (patient, question) groups.
 
-The result is the same table as engine.rollup's SQL, which stays the definition (its module docstring has the
+The result is the same table as engine.cohort.rollup's SQL, which stays the definition (its module docstring has the
 rules); tests/unit/test_rollup_columnar.py checks the two on random answers. `columnar_rollup` returns None when
 the layout does not hold (a row of a question the job does not ask, a note's rows split or out of order, no
 row_number column, a missing patient id, a column roll-up needs is absent): rollup_answers then runs the SQL.
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from engine.job import JobSpec
 from engine.stages.generate import CUE_MODEL_NAME
-from engine.units import conversion_factor
+from engine.cohort.units import conversion_factor
 
 RANK_BITS = 40  # a note's rank (by charttime, then note id) fills the low bits of a key: up to 2^40 notes
 RANK_MASK = (1 << RANK_BITS) - 1
@@ -41,7 +41,7 @@ class _Irregular(Exception):
 def columnar_rollup(answers, job: JobSpec, schema: pa.Schema) -> pa.Table | None:
     """The patient table of `answers` (a table or the committed files) for `job`, typed as `schema`; None when
     the answers are not in the engine's layout."""
-    from engine.rollup import ANSWER_COLUMNS
+    from engine.cohort.rollup import ANSWER_COLUMNS
 
     names = answers.schema.names
     optional = ["charttime", "verified", "model"] + ([] if job.review.require_grounded_evidence else ["grounding"])

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.job import JobSpec
-from engine.output import OutputStore, answer_schema, to_answer_table
+from engine.store.layout import OutputStore, answer_schema, to_answer_table
 from engine.plan import Plan, make_plan
 from engine.stages.candidates import find_candidates
 from engine.stages.answer import answer_rows
@@ -102,7 +102,7 @@ class AnswerBatches(GenerateAnswers):
     shard) (busy seconds, patients), so it stays light however large the extract, and on a cluster no answer
     crosses to the head node. A shard whose rows are all in the batch (notes_per_batch >= notes_per_shard) is
     committed here, straight to answers/; the rows of other shards are staged as parts. Either way the ledger
-    (engine.commit) hears of them before the batch returns, and commits the staged shards as they complete.
+    (engine.store.commit) hears of them before the batch returns, and commits the staged shards as they complete.
     """
 
     def __init__(self, job: dict, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int]):
@@ -195,10 +195,10 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
 
 def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, progress=None) -> tuple[dict, RunStats]:
     """Run the job into its output folder, resuming committed shards; return the report and this run's stats."""
-    from engine.answers_db import answers_dataset
-    from engine.html_report import write_report_html
-    from engine.report import build_report
-    from engine.rules import screen
+    from engine.store.answers import answers_dataset
+    from engine.reporting.html import write_report_html
+    from engine.reporting.report import build_report
+    from engine.cohort.rules import screen
     from engine.runtime import ensure_ray
 
     stats = RunStats(actors=job.batching.actors)
@@ -232,7 +232,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
 def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
     """Rules type-check against the input's real column types (a string `age` cannot be compared with 75)."""
     from engine.errors import JobError
-    from engine.rules import check_rules
+    from engine.cohort.rules import check_rules
 
     problems = check_rules(job, {name: inputs.schema.field(name).type for name in job.input.structured})
     if problems:
@@ -249,7 +249,7 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
 
     import ray
 
-    from engine.commit import ShardLedger
+    from engine.store.commit import ShardLedger
 
     n_questions = len(job.questions)
     schema = answer_schema(job, inputs.schema)

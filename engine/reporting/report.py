@@ -39,7 +39,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
 
     `answers` is a table or the committed files (a pyarrow dataset): the counts are SQL aggregates over it.
     """
-    from engine.answers_db import answer_totals
+    from engine.store.answers import answer_totals
 
     totals = answer_totals(answers, patients if "n_notes" in patients.column_names else None)
     by_status = {status: 0 for status in STATUSES} | totals["by_status"]
@@ -128,7 +128,7 @@ def _status_counts(patients: pa.Table) -> dict[str, int]:
 
 def _review(job: JobSpec, answers, patients: pa.Table) -> dict:
     """With review.require_grounded_evidence: ungrounded answer rows and the patients and criteria they put on hold."""
-    from engine.answers_db import ungrounded_answers
+    from engine.store.answers import ungrounded_answers
 
     review = job.review
     if not review.require_grounded_evidence:

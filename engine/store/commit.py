@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import pyarrow as pa
 
-from engine.output import OutputStore, ShardCollector
+from engine.store.layout import OutputStore, ShardCollector
 
 COMMITS_IN_FLIGHT = 2  # shards merged at once (each holds one shard's rows in memory)
 COMMIT_RETRIES = 2  # a commit task whose worker dies is run again (it is safe to run twice)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.job import JobSpec
-from engine.output import answer_schema, to_answer_table
+from engine.store.layout import answer_schema, to_answer_table
 from engine.plan import make_plan
 from engine.stages.candidates import find_candidates
 from engine.stages.expand import expand_questions

@@ -7,7 +7,7 @@ patient table, so every rule input can be traced back to a sentence of a note.
 Per-note value of an answer row:
   * yes_no: `answered` -> value_bool; `not_in_note` -> False when the question says `absent: "no"`,
     else unknown; any other status (error, ...) -> unknown.
-  * numeric: `answered` -> value_num converted to the canonical unit and capped (engine.units); an unknown
+  * numeric: `answered` -> value_num converted to the canonical unit and capped (engine.cohort.units); an unknown
     unit or a non-finite number -> unknown. `not_in_note` and errors -> unknown.
 Roll-ups (NULL = unknown): `any` Kleene OR, `all` Kleene AND, `max`/`min` over known values, `latest` the
 known value of the latest note by charttime (notes without a charttime count as oldest).
@@ -19,12 +19,12 @@ found in the note (`exact`, or `fuzzy` with `accept_fuzzy`, count as found), or 
 trusted). Trusted rows win ties; when the winning row is not trusted the value is unknown (NULL), its note id and
 quote stay, and `<question>__ungrounded` / `<question>__unverified` say why.
 
-`answers` may be a table or the committed files (a pyarrow dataset, engine.answers_db): DuckDB reads only the
+`answers` may be a table or the committed files (a pyarrow dataset, engine.store.answers): DuckDB reads only the
 columns roll-up needs, and aggregates the patients in passes of about PASS_ROWS answer rows each (by patient
 id range), so memory stays bounded by the patient table, not by the answers.
 
 This SQL is the definition. On the engine's own answers (each note's rows contiguous, in job question order)
-rollup_answers computes the same table with segment maxima in numpy instead (engine.rollup_columnar, about 3x
+rollup_answers computes the same table with segment maxima in numpy instead (engine.cohort.columnar, about 3x
 faster at 1M notes); any other table, or a layout that does not hold, goes through the SQL.
 """
 
@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from engine.job import JobSpec, QuestionSpec
 from engine.stages.generate import CUE_MODEL_NAME
-from engine.units import conversion_factor
+from engine.cohort.units import conversion_factor
 
 PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
 
@@ -92,12 +92,12 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
     the answers have them: answers written before verification have not, and count as verified). Rows for question ids the
     job does not ask are ignored, but their notes still count in `n_notes`.
     """
-    from engine.rollup_columnar import columnar_rollup
+    from engine.cohort.columnar import columnar_rollup
 
     _question_table(job)  # refuses a roll-up the question type cannot have
     if all(name in answers.schema.names for name in job.input.structured):
         table = columnar_rollup(answers, job, _schema_for(answers, job))
-        if table is not None:  # the engine's own layout: segment maxima, same result (engine.rollup_columnar)
+        if table is not None:  # the engine's own layout: segment maxima, same result (engine.cohort.columnar)
             return table
     return rollup_sql(answers, job)
 
