@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from engine.job import JobSpec
 from engine.stages.generate import CUE_MODEL_NAME
-from engine.cohort.units import conversion_factor
+from engine.cohort.units import to_canonical_array, unit_factors
 
 RANK_BITS = 40  # a note's rank (by charttime, then note id) fills the low bits of a key: up to 2^40 notes
 RANK_MASK = (1 << RANK_BITS) - 1
@@ -157,17 +157,8 @@ def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
         ucodes, uvalues = _codes(table["unit"])
         for k, j in enumerate(numeric):
             qs = questions[j]
-            per_code = []
-            for unit in [*uvalues.to_pylist(), None]:
-                if (qs.id, unit) not in factors:
-                    factors[(qs.id, unit)] = conversion_factor(unit, qs)
-                factor = factors[(qs.id, unit)]
-                per_code.append(np.nan if factor is None else factor)
-            factor = np.array(per_code)[ucodes.reshape(n, q)[:, j]]
-            with np.errstate(invalid="ignore", over="ignore"):
-                value = value_num[:, j] * factor
-                if qs.cap is not None:
-                    value = np.where(value > qs.cap, qs.cap, value)
+            factor = unit_factors([*uvalues.to_pylist(), None], qs, factors)[ucodes.reshape(n, q)[:, j]]  # [-1]: no unit
+            value = to_canonical_array(value_num[:, j], factor, qs)
             vn[:, k] = np.where(answered[:, j] & np.isfinite(value_num[:, j]), value, np.nan)
 
     evidence = table["evidence"].combine_chunks()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 from engine.job import QuestionSpec
 
 # Applied in order to a case-folded, whitespace-free spelling. Each rewrite is an exact identity
@@ -107,3 +109,23 @@ def to_canonical(value: float | None, unit: str | None, question: QuestionSpec) 
     if question.cap is not None:
         converted = min(converted, question.cap)
     return converted, None
+
+
+def unit_factors(spellings: list[str | None], question: QuestionSpec, cache: dict | None = None) -> np.ndarray:
+    """conversion_factor for each unit spelling as an array, NaN where the question does not accept it. `cache`
+    (keyed by question id and spelling) keeps the work per distinct spelling across calls."""
+    cache = {} if cache is None else cache
+    for unit in spellings:
+        if (question.id, unit) not in cache:
+            cache[(question.id, unit)] = conversion_factor(unit, question)
+    return np.array([np.nan if cache[(question.id, u)] is None else cache[(question.id, u)] for u in spellings], dtype=float)
+
+
+def to_canonical_array(values: np.ndarray, factors: np.ndarray, question: QuestionSpec) -> np.ndarray:
+    """to_canonical over arrays: values times their unit's factor, capped; NaN stays NaN (a unit not accepted, no
+    value). The roll-up's SQL writes the same arithmetic with factors from conversion_factor (engine.cohort.rollup)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        converted = values * factors
+        if question.cap is not None:
+            converted = np.where(converted > question.cap, question.cap, converted)
+    return converted

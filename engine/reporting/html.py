@@ -231,15 +231,14 @@ def numeric_values(answers, job: JobSpec | None) -> list[tuple[str, np.ndarray, 
 
 def canonical_values(values: np.ndarray, units: pa.ChunkedArray, question) -> np.ndarray:
     """engine.cohort.units.to_canonical over a column: one factor per distinct unit spelling, NaN where not accepted."""
-    from engine.cohort.units import conversion_factor
+    from engine.cohort.units import to_canonical_array, unit_factors
 
     spellings = pc.unique(units).to_pylist()
-    factors = np.array([conversion_factor(u, question) or np.nan for u in spellings], dtype=float)
+    factors = unit_factors(spellings, question)
     position = pc.index_in(units, value_set=pa.array(spellings, pa.string())).to_numpy(zero_copy_only=False)
     if units.null_count:  # index_in does not match nulls: a missing unit is the canonical one
         position = np.where(pc.is_null(units).to_numpy(zero_copy_only=False), spellings.index(None), position)
-    converted = values * factors[position.astype(int)] if len(values) else values
-    return np.minimum(converted, question.cap) if question.cap is not None else converted
+    return to_canonical_array(values, factors[position.astype(int)], question) if len(values) else values
 
 
 def criterion_rows(patients: pa.Table, job: JobSpec | None, funnel: list[dict]) -> list[dict]:
