@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from enum import Enum
@@ -20,6 +21,20 @@ console = Console(stderr=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
 JobArg = Annotated[Path, typer.Argument(help="Job file (YAML), e.g. jobs/apixaban.yaml.")]
+
+
+def reports_errors(command):
+    """A command's EngineError (a bad job, input or output: the user's to fix) as one line and an exit code, no
+    traceback; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EngineError as exc:
+            _fail(exc)
+
+    return wrapper
 
 
 def _fail(exc: EngineError) -> None:
@@ -55,6 +70,7 @@ def _load(job_path: Path, input_uri: str | None = None, output_uri: str | None =
 
 
 @app.command()
+@reports_errors
 def run(
     job_path: JobArg,
     input: Annotated[Optional[str], typer.Option("--input", help="Parquet file/folder or s3:// URI; overrides input.uri.")] = None,
@@ -68,23 +84,19 @@ def run(
     from engine.run import run_job
     from engine.progress import RunProgress
 
-    try:
-        job = _load(job_path, input, output, mode.value if mode else None)
-        if verbose:
-            from engine.runtime import ensure_ray
+    job = _load(job_path, input, output, mode.value if mode else None)
+    if verbose:
+        from engine.runtime import ensure_ray
 
-            ensure_ray(verbose=True)
-        _warn_embedded(job)
-        for warning in batching_warnings(job):
-            console.print(f"[yellow]Warning:[/] {warning}", soft_wrap=True)
-        progress = RunProgress(console)
-        try:
-            report, stats = run_job(job, limit=limit, overwrite=overwrite, progress=progress)
-        finally:
-            progress.stop()
-    except EngineError as exc:
-        _fail(exc)
-        return
+        ensure_ray(verbose=True)
+    _warn_embedded(job)
+    for warning in batching_warnings(job):
+        console.print(f"[yellow]Warning:[/] {warning}", soft_wrap=True)
+    progress = RunProgress(console)
+    try:
+        report, stats = run_job(job, limit=limit, overwrite=overwrite, progress=progress)
+    finally:
+        progress.stop()
     if stats.shards_resumed == stats.shards_total:
         console.print(f"Nothing to do: all {stats.shards_total} shards of this job are already in {job.output.uri} (use --overwrite to start afresh).")
     print_summary(report, job.output.uri)
@@ -114,17 +126,15 @@ def _warn_embedded(job: JobSpec) -> None:
 
 
 @app.command()
+@reports_errors
 def validate(job_path: JobArg) -> None:
     """Check a job file (fields, questions, rules) without touching data or models."""
-    try:
-        job = _load(job_path)
-    except EngineError as exc:
-        _fail(exc)
-        return
+    job = _load(job_path)
     console.print(f"OK: {job_path}: {len(job.questions)} questions, {len(job.derived)} derived values, {len(job.criteria)} criteria.")
 
 
 @app.command()
+@reports_errors
 def rules(
     job_path: JobArg,
     answers: Annotated[str, typer.Option("--answers", help="An output folder or its answers/ folder, written by `engine run`.")],
@@ -132,34 +142,25 @@ def rules(
 ) -> None:
     """Re-screen from existing answers after changing rules or thresholds: no model, seconds. Writes patients/ and
     report.json's cohort (status counts and funnel)."""
-    from engine.store.answers import answers_dataset
-    from engine.store.layout import OutputStore
     from engine.reporting.report import with_rules_cohort
+    from engine.store.answers import answers_dataset
+    from engine.store.layout import OutputStore, output_folder
     from engine.cohort.rules import screen
 
     started = time.perf_counter()
+    job = _load(job_path)
+    table = answers_dataset(answers, job.output.storage_options)
+    patients, funnel = screen(table, job)
+    target = output or output_folder(answers)
+    store = OutputStore(target, job.output.storage_options)
+    store.write_patients(patients)  # patients/ holds only Parquet: the funnel goes to report.json
     try:
-        job = _load(job_path)
-        table = answers_dataset(answers, job.output.storage_options)
-        patients, funnel = screen(table, job)
-        target = output or _output_folder(answers)
-        store = OutputStore(target, job.output.storage_options)
-        store.write_patients(patients)  # patients/ holds only Parquet: the funnel goes to report.json
-        try:
-            previous = store._read_json("report.json")
-        except ValueError:  # not JSON (a write cut short): replaced by a minimal one
-            previous = None
-        store.write_json("report.json", with_rules_cohort(previous, job, patients, funnel))
-    except EngineError as exc:
-        _fail(exc)
-        return
+        previous = store.read_json("report.json")
+    except ValueError:  # not JSON (a write cut short): replaced by a minimal one
+        previous = None
+    store.write_json("report.json", with_rules_cohort(previous, job, patients, funnel))
     print_funnel(funnel, patients)
     console.print(f"patients/ and report.json's cohort written to {target} ({patients.num_rows} patients, {time.perf_counter() - started:.2f} s)")
-
-
-def _output_folder(answers: str) -> str:
-    """The output folder of `--answers`: an output folder itself, or the folder above its answers/ folder."""
-    return answers.rstrip("/").removesuffix("answers").rstrip("/") or "."
 
 
 class ExportFormat(str, Enum):
@@ -173,6 +174,7 @@ class FileFormat(str, Enum):
 
 
 @app.command()
+@reports_errors
 def export(
     job_path: JobArg,
     answers: Annotated[str, typer.Option("--answers", help="An output folder or its answers/ folder, written by `engine run`.")],
@@ -182,13 +184,10 @@ def export(
 ) -> None:
     """Export answers to a standard table: OMOP CDM v5.4 NOTE_NLP (answered rows; not-in-note and error rows are skipped)."""
     from engine.reporting.export import export_note_nlp
+    from engine.store.layout import output_folder
 
-    try:
-        job = _load(job_path)
-        summary = export_note_nlp(job, answers, output, file_format.value, run_folder=_output_folder(answers))
-    except EngineError as exc:
-        _fail(exc)
-        return
+    job = _load(job_path)
+    summary = export_note_nlp(job, answers, output, file_format.value, run_folder=output_folder(answers))
     exists = ", ".join(f"{k} {summary.term_exists.get(k, 0)}" for k in ("Y", "N"))
     skipped = ", ".join(f"{n} {status}" for status, n in summary.skipped.items()) or "none"
     console.print(f"{export_format.value}: {summary.rows} rows from {summary.rows_by_status.get('answered', 0)} answered rows "
@@ -198,6 +197,7 @@ def export(
 
 
 @app.command()
+@reports_errors
 def estimate(
     job_path: JobArg,
     patients: Annotated[int, typer.Option("--patients", min=1, help="Patients to project for.")] = 10_000,
@@ -210,21 +210,17 @@ def estimate(
     from engine.estimate import measure_workload, project, shipped_profiles
     from engine.store.layout import OutputStore
 
-    try:
-        job = _load(job_path)
-        prices = dict(_parse_price(p) for p in price or [])
-        profiles = shipped_profiles(prices)
-        unknown = [g for g in gpu or [] if g not in profiles]
-        if unknown:
-            raise EngineError(f"unknown GPU profile(s) {', '.join(unknown)}; known: {', '.join(profiles)}")
-        chosen = [profiles[g] for g in (gpu or profiles)]
-        previous = OutputStore(job.output.uri, job.output.storage_options)._read_json("report.json") or {}
-        workload = measure_workload(job, answer_tokens=previous.get("completion_tokens_per_answer"), block_size=job.model.block_size or 16)
-        if calibrate:
-            chosen.append(run_calibration(job))
-    except EngineError as exc:
-        _fail(exc)
-        return
+    job = _load(job_path)
+    prices = dict(_parse_price(p) for p in price or [])
+    profiles = shipped_profiles(prices)
+    unknown = [g for g in gpu or [] if g not in profiles]
+    if unknown:
+        raise EngineError(f"unknown GPU profile(s) {', '.join(unknown)}; known: {', '.join(profiles)}")
+    chosen = [profiles[g] for g in (gpu or profiles)]
+    previous = OutputStore(job.output.uri, job.output.storage_options).read_json("report.json") or {}
+    workload = measure_workload(job, answer_tokens=previous.get("completion_tokens_per_answer"), block_size=job.model.block_size or 16)
+    if calibrate:
+        chosen.append(run_calibration(job))
     console.print(f"Workload ({workload.notes_sampled} sampled notes, {workload.tokenizer}): {workload.questions} questions, "
                   f"{workload.note_tokens:.0f} prefix tokens/note, answers {workload.answer_tokens:.1f} tokens ({workload.answer_tokens_source}).")
     table = Table(title=f"Projection for {patients:,} patients")
@@ -249,6 +245,7 @@ def _parse_price(text: str) -> tuple[str, float]:
 
 
 @app.command(name="eval")
+@reports_errors
 def evaluate_answers(
     job_path: JobArg,
     predictions: Annotated[str, typer.Option("--predictions", help="An output folder or its answers/ folder, written by `engine run`.")],
@@ -263,14 +260,10 @@ def evaluate_answers(
     from engine.reporting.html import write_report_html
     from engine.store.layout import OutputStore
 
-    try:
-        job = _load(job_path)
-        evaluation, answers, target = evaluate_run(job, predictions, labels, criteria_labels, output, draws=draws, seed=seed)
-        source = OutputStore(evaluation.predictions_folder, job.output.storage_options)
-        write_report_html(OutputStore(target, job.output.storage_options), job, answers=answers, source=source)
-    except EngineError as exc:
-        _fail(exc)
-        return
+    job = _load(job_path)
+    evaluation, answers, target = evaluate_run(job, predictions, labels, criteria_labels, output, draws=draws, seed=seed)
+    source = OutputStore(evaluation.predictions_folder, job.output.storage_options)
+    write_report_html(OutputStore(target, job.output.storage_options), job, answers=answers, source=source)
     print_evaluation(evaluation)
     console.print(f"eval.md, eval.parquet and report.html written to {target}")
 

@@ -214,7 +214,7 @@ class JobSpec(Strict):
 
 
 DIRECT_PREFIX = "direct_"
-RESERVED_PATIENT_COLUMNS = ("patient_id", "n_notes", "status", "reasons")
+RESERVED_PATIENT_COLUMNS = ("patient_id", "n_notes", "status", "reasons")  # the patient table's own columns
 
 
 def direct_question_for(criterion: CriterionSpec) -> QuestionSpec:

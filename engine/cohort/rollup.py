@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 
 from engine.job import JobSpec, QuestionSpec
 from engine.stages.generate import CUE_MODEL_NAME
+from engine.cohort.sql import SAFE_IDENTIFIER, identifier, quoted, sandbox
 from engine.cohort.units import conversion_factor
 
 PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
@@ -49,7 +50,6 @@ ANSWER_COLUMNS = {
     "value_bool": pa.bool_(), "value_num": pa.float64(), "unit": pa.string(), "evidence": pa.string(),
     "charttime": pa.timestamp("us"),
 }
-_SAFE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 # The winning row of a (patient, question) is the arg_max of this key. For any/all the first field ranks
 # TRUE/unknown/FALSE so that the winner's value *is* the Kleene OR/AND (any: TRUE > unknown > FALSE; all: the
@@ -104,7 +104,7 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
 
 def rollup_sql(answers, job: JobSpec) -> pa.Table:
     """rollup_answers in DuckDB, for any answers table: the definition the columnar roll-up is tested against."""
-    con = _connect()
+    con = sandbox()
     con.register("answers_in", answers)
     _answers_view(con, answers.schema, job)
     schema = _schema_for(answers, job)
@@ -158,9 +158,9 @@ def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpe
     if missing:
         raise ValueError(f"answers table lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
     for name in job.input.structured:
-        if not _SAFE.match(name) or name in ANSWER_COLUMNS:
+        if not SAFE_IDENTIFIER.match(name) or name in ANSWER_COLUMNS:
             raise ValueError(f"structured column {name!r} must be a lowercase identifier not in {list(ANSWER_COLUMNS)}")
-    select = ", ".join(_ident(n) if n in schema.names else f"{optional[n]} AS {_ident(n)}" for n in needed)
+    select = ", ".join(quoted(n) if n in schema.names else f"{optional[n]} AS {quoted(n)}" for n in needed)
     con.sql(f"CREATE TEMP VIEW answers AS SELECT {select} FROM answers_in")
     accepted = ["exact", "fuzzy"] if job.review.accept_fuzzy else ["exact"]
     con.register("grounding_rule", pa.table({"required": [grounded], "accepted": [accepted],
@@ -271,32 +271,10 @@ def _patients_sql(job: JobSpec) -> str:
     charttime, then note id) that has it, so a missing age in a new note does not hide an older one.
     """
     pick = "ORDER BY charttime DESC NULLS LAST, note_id DESC"
-    columns = [_ident(c) for c in job.input.structured]
+    columns = [quoted(c) for c in job.input.structured]
     per_note = "".join(f", any_value({c}) AS {c}" for c in columns)
     latest = "".join(f", first({c} {pick}) FILTER (WHERE {c} IS NOT NULL) AS {c}" for c in columns)
     return f"""
 WITH notes AS (SELECT patient_id, note_id, any_value(charttime) AS charttime{per_note} FROM answers GROUP BY ALL)
 SELECT (row_number() OVER (ORDER BY patient_id) - 1)::BIGINT AS pidx, patient_id, count(*)::BIGINT AS n_notes{latest}
 FROM notes GROUP BY patient_id"""
-
-
-def _checked(name: str) -> str:
-    """A job identifier, re-checked before it is written into SQL (the job model already enforces it)."""
-    if not _SAFE.match(name.replace("__", "_")):
-        raise ValueError(f"not an identifier: {name!r}")
-    return name
-
-
-def _ident(name: str) -> str:
-    return f'"{_checked(name)}"'
-
-
-def _connect() -> duckdb.DuckDBPyConnection:
-    """In-memory DuckDB that cannot touch files or load extensions: roll-up needs nothing outside memory."""
-    con = duckdb.connect(":memory:", config={
-        "enable_external_access": False, "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-    })
-    con.execute("SET enable_progress_bar = false")  # a session option: set before the lock
-    con.execute("SET lock_configuration = true")
-    return con

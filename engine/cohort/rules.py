@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Mapping
 
 import duckdb
@@ -20,24 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.errors import JobError
-from engine.job import JobSpec
+from engine.job import RESERVED_PATIENT_COLUMNS, JobSpec
 from engine.cohort.rollup import patient_schema, rollup_answers
+from engine.cohort.sql import identifier, sandbox
 
 STATES = ("met", "not_met", "unknown")
-RESERVED = ("patient_id", "n_notes", "status", "reasons")
-_SAFE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _UNKNOWN_AS = {"met": "TRUE", "not_met": "FALSE", "needs_review": "NULL"}
-
-
-def sandbox() -> duckdb.DuckDBPyConnection:
-    """In-memory DuckDB with external access off and its configuration locked (a rule cannot undo it)."""
-    con = duckdb.connect(":memory:", config={
-        "enable_external_access": False, "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-    })
-    con.execute("SET enable_progress_bar = false")  # a session option: set before the lock
-    con.execute("SET lock_configuration = true")
-    return con
 
 
 def check_rules(job: JobSpec, structured_types: Mapping[str, pa.DataType] | None = None) -> list[str]:
@@ -163,12 +150,12 @@ def _compile(con, relation, text: str, path: str, known: list[str], aggregates: 
 
 def _name_clashes(columns: list[str], job: JobSpec) -> list[str]:
     """Derived and criterion ids become columns: they must not shadow an input column or a reserved name."""
-    ids = {q.id for q in job.questions} | {d.id for d in job.derived} | {c.id for c in job.criteria} | set(RESERVED)
+    ids = {q.id for q in job.questions} | {d.id for d in job.derived} | {c.id for c in job.criteria} | set(RESERVED_PATIENT_COLUMNS)
     bad = [(f"input.structured[{i}]", s) for i, s in enumerate(job.input.structured) if s in ids or "__" in s]
     if bad:
         return [f"{path}: {name!r} clashes with a question, derived or criterion id, a reserved name or the "
                 f"'__' of note_id/evidence columns; rename it" for path, name in bad]
-    taken = {n.lower() for n in columns} | set(RESERVED)
+    taken = {n.lower() for n in columns} | set(RESERVED_PATIENT_COLUMNS)
     clashes = [(f"derived[{i}].id", d.id) for i, d in enumerate(job.derived) if d.id in taken]
     clashes += [(f"criteria[{i}].id", c.id) for i, c in enumerate(job.criteria) if c.id in taken]
     return [f"{path}: {name!r} is already a column of the patient table or reserved; rename it"
@@ -257,19 +244,19 @@ def _decision_sql(job: JobSpec, held: dict[str, list[tuple[str, str, str]]] | No
     """
     held = held or {}
     flag = {c.id: " OR ".join(cond for _, cond, _ in held.get(c.id, [])) or "FALSE" for c in job.criteria}
-    raw = {c.id: f'"__rule_{_checked(c.id)}"' for c in job.criteria}
+    raw = {c.id: f'"__rule_{identifier(c.id)}"' for c in job.criteria}
     states = [f"CASE WHEN {raw[c.id]} THEN 'met' WHEN NOT {raw[c.id]} THEN 'not_met' ELSE 'unknown' END AS \"{c.id}\""
               for c in job.criteria]
     excl = [f"coalesce({raw[c.id]}, CASE WHEN {flag[c.id]} THEN NULL ELSE {_UNKNOWN_AS[c.unknown]} END) "
             f"IS {'TRUE' if c.kind == 'exclusion' else 'FALSE'}" for c in job.criteria]
     review = [f"({raw[c.id]} IS NULL AND ({c.unknown == 'needs_review'} OR {flag[c.id]}))" for c in job.criteria]
-    ids = [f"'{_checked(c.id)}'" for c in job.criteria]
+    ids = [f"'{identifier(c.id)}'" for c in job.criteria]
     review_ids = [_held_reason(held.get(c.id, []), i) for c, i in zip(job.criteria, ids, strict=True)]
     any_excl, any_review = " OR ".join(excl) or "FALSE", " OR ".join(review) or "FALSE"
     status = f"CASE WHEN {any_excl} THEN 'excluded' WHEN {any_review} THEN 'needs_review' ELSE 'eligible' END AS status"
     reasons = (f"CASE WHEN {any_excl} THEN {_pick(ids, excl)} WHEN {any_review} THEN {_pick(review_ids, review)} "
                f"ELSE []::VARCHAR[] END AS reasons")
-    derived = [f'"{_checked(d.id)}"' for d in job.derived]
+    derived = [f'"{identifier(d.id)}"' for d in job.derived]
     flags = [f'{cond} AS "{c.id}__{suffix}"' for c in job.criteria for suffix, cond, _ in held.get(c.id, [])]
     return ", ".join([*derived, *states, status, reasons, *flags])
 
@@ -296,14 +283,14 @@ def _held_sql(con: duckdb.DuckDBPyConnection, job: JobSpec) -> dict[str, list[tu
     result: dict[str, list[tuple[str, str, str]]] = {}
     for c in job.criteria:
         for suffix, reason in active:
-            flags = [(q, f'"{_checked(q)}__{suffix}"') for q in needs[c.id]]
+            flags = [(q, f'"{identifier(q)}__{suffix}"') for q in needs[c.id]]
             if not flags:
-                result.setdefault(c.id, []).append((suffix, "FALSE", f"'{_checked(c.id)}'"))
+                result.setdefault(c.id, []).append((suffix, "FALSE", f"'{identifier(c.id)}'"))
                 continue
             named = ", ".join(f"CASE WHEN {f} THEN '{q}' END" for q, f in flags)
             questions = f"array_to_string([x FOR x IN list_value({named}) IF x IS NOT NULL], ', ')"
-            condition = f'("__rule_{_checked(c.id)}" IS NULL AND ({" OR ".join(f for _, f in flags)}))'
-            result.setdefault(c.id, []).append((suffix, condition, f"'{_checked(c.id)}: ' || {questions} || ' {reason}'"))
+            condition = f'("__rule_{identifier(c.id)}" IS NULL AND ({" OR ".join(f for _, f in flags)}))'
+            result.setdefault(c.id, []).append((suffix, condition, f"'{identifier(c.id)}: ' || {questions} || ' {reason}'"))
     return result
 
 
@@ -332,8 +319,3 @@ def _pick(ids: list[str], conditions: list[str]) -> str:
     return f"[x FOR x IN list_value({items}) IF x IS NOT NULL]"
 
 
-def _checked(name: str) -> str:
-    """A job identifier, re-checked before it is written into SQL (the job model already enforces it)."""
-    if not _SAFE.match(name):
-        raise ValueError(f"not an identifier: {name!r}")
-    return name

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from engine.errors import EngineError, InputError
 from engine.job import JobSpec, QuestionSpec
 from engine.storage import describe_error, filesystem
+from engine.store.layout import output_folder
 from engine.cohort.units import to_canonical
 
 DRAWS = 1000
@@ -113,13 +114,6 @@ def read_parquet(uri: str, storage_options: dict | None, required: tuple[str, ..
     if missing:
         raise InputError(f"{what} {uri} lacks column(s) {', '.join(missing)}; it has: {', '.join(table.column_names)}")
     return table
-
-
-def output_folder(predictions: str) -> str:
-    """The output folder of a predictions URI that may name the folder or its answers/ subfolder."""
-    trimmed = predictions.rstrip("/")
-    head, _, tail = trimmed.rpartition("/")
-    return (head or ".") if tail == "answers" else trimmed
 
 
 # --- matching --------------------------------------------------------------------------------------------------

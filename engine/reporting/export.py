@@ -164,7 +164,7 @@ def write_note_nlp(table: pa.Table, output_uri: str, file_format: str = "parquet
     if file_format in ("csv", "both"):
         buffer = io.BytesIO()
         pacsv.write_csv(table, buffer)
-        store._write_bytes(f"{BASENAME}.csv", buffer.getvalue())
+        store.write_bytes(f"{BASENAME}.csv", buffer.getvalue())
         written.append(f"{BASENAME}.csv")
     return [join(store.fs, output_uri, name) for name in written]
 
@@ -204,7 +204,7 @@ def run_started(run_folder: str, storage_options: dict | None = None) -> datetim
     from engine.store.layout import MANIFEST, OutputStore
 
     try:
-        manifest = OutputStore(run_folder, dict(storage_options or {}))._read_json(MANIFEST) or {}
+        manifest = OutputStore(run_folder, dict(storage_options or {})).read_json(MANIFEST) or {}
         return datetime.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ")
     except (OSError, ValueError, KeyError, TypeError):
         return None

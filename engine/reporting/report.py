@@ -150,7 +150,7 @@ def _review(job: JobSpec, answers, patients: pa.Table) -> dict:
 def _timing(job: JobSpec, stats, store) -> dict:
     """Wall time of this run; cost per 10k patients from the engines' measured busy time (start-up excluded, stated)."""
     if stats.pairs_processed == 0:  # nothing new: keep the figures measured when the answers were produced
-        previous = store._read_json("report.json") or {}
+        previous = store.read_json("report.json") or {}
         keys = ("wall_seconds", "startup_seconds", "processing_seconds", "seconds_per_pair", "pairs_per_second", "wall_pairs_per_second",
                 "hardware", "usd_per_hour", "cost_per_10k_patients_usd", "cost_method")
         return {k: previous.get(k) for k in keys} | {"this_run": _this_run(stats)}

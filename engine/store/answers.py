@@ -17,15 +17,15 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from engine.errors import OutputError
 from engine.stages.generate import CUE_MODEL_NAME
 from engine.storage import filesystem, is_remote, join
+from engine.store.layout import ANSWERS, output_folder
 
-ANSWERS = "answers"
 Answers = pa.Table | ds.Dataset  # what the aggregating functions accept: a table in memory or the committed files
 
 
 def answer_files(uri: str, storage_options: dict | None = None) -> tuple:
     """(fsspec filesystem, sorted committed .parquet paths) under an output folder or an answers/ folder."""
-    fs, root = filesystem(uri, storage_options)
-    folder = root if root.rstrip("/").endswith(ANSWERS) else join(fs, root, ANSWERS)
+    fs, root = filesystem(output_folder(uri), storage_options)
+    folder = join(fs, root, ANSWERS)
     try:
         files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
     except FileNotFoundError:
@@ -50,7 +50,7 @@ def row_count(answers: Answers | None) -> int:
 
 def connect(answers: Answers, name: str = "answers") -> duckdb.DuckDBPyConnection:
     """A sandboxed connection with `answers` registered as a view named `name`."""
-    from engine.cohort.rules import sandbox
+    from engine.cohort.sql import sandbox
 
     con = sandbox()
     con.register(name, answers)

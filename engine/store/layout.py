@@ -87,6 +87,13 @@ def to_answer_table(batch: pa.Table, schema: pa.Schema, fingerprint: str) -> pa.
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def output_folder(uri: str) -> str:
+    """The output folder of a URI that names it or its answers/ folder (what --answers and --predictions take)."""
+    trimmed = uri.rstrip("/")
+    head, _, tail = trimmed.rpartition("/")
+    return (head or ".") if tail == ANSWERS else trimmed
+
+
 @dataclass
 class OutputStore:
     uri: str
@@ -101,7 +108,7 @@ class OutputStore:
         """Make the folder ready; return the shard ids already committed by an earlier run of the same job."""
         manifest = self._manifest(job, inputs, limit)
         try:
-            existing = self._read_json(MANIFEST)
+            existing = self.read_json(MANIFEST)
             if overwrite:
                 self._remove_engine_files()
                 existing = None
@@ -114,7 +121,7 @@ class OutputStore:
                     require_bucket(self.fs, self.root)
                 else:
                     self.fs.makedirs(self.answers_dir, exist_ok=True)
-                self._write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
+                self.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
             self._remove_partial_files()
             return self.committed_shards()
         except OutputError:
@@ -224,9 +231,9 @@ class OutputStore:
     def write_table(self, relative: str, table: pa.Table, statistics: bool | list[str] = True) -> None:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd", write_statistics=statistics)
-        self._write_bytes(relative, buffer.getvalue())
+        self.write_bytes(relative, buffer.getvalue())
 
-    def _write_bytes(self, relative: str, data: bytes) -> None:
+    def write_bytes(self, relative: str, data: bytes) -> None:
         final = join(self.fs, self.root, relative)
         parent = final.rsplit("/", 1)[0]
         if is_remote(self.fs):
@@ -238,13 +245,13 @@ class OutputStore:
         self.fs.mv(scratch, final)
 
     def write_json(self, relative: str, payload: dict) -> None:
-        self._write_bytes(relative, json.dumps(payload, indent=2, default=str).encode())
+        self.write_bytes(relative, json.dumps(payload, indent=2, default=str).encode())
 
     def write_text(self, relative: str, text: str) -> None:
-        self._write_bytes(relative, text.encode())
+        self.write_bytes(relative, text.encode())
 
     # --- reads ---------------------------------------------------------------------------------------------
-    def _read_json(self, relative: str) -> dict | None:
+    def read_json(self, relative: str) -> dict | None:
         path = join(self.fs, self.root, relative)
         if not self.fs.exists(path):
             return None

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from engine.errors import JobError
 from engine.job import JobSpec, load_job
 from engine.cohort.rollup import ANSWER_COLUMNS, patient_schema
-from engine.cohort.rules import apply_rules, check_rules, cohort_funnel, sandbox, screen
+from engine.cohort.rules import apply_rules, check_rules, cohort_funnel, screen
+from engine.cohort.sql import sandbox
 
 APIXABAN = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
 TYPES = {"sex": pa.string(), "age": pa.int64()}
