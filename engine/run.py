@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.job import JobSpec
+from engine.store.commit import stage_parts
 from engine.store.layout import OutputStore, answer_schema, to_answer_table
 from engine.plan import Plan, make_plan
 from engine.stages.candidates import find_candidates
@@ -88,11 +89,6 @@ def compact_text(batch: pa.Table) -> pa.Table:
     return batch.set_column(batch.schema.get_field_index("text"), "text", own)
 
 
-PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("first_row", pa.int64()),
-                         ("last_row", pa.int64()), ("seconds", pa.float64()), ("patients", pa.list_(pa.string())),
-                         ("statuses", pa.string())])
-
-
 class AnswerBatches(GenerateAnswers):
     """The model actor: a batch of (note, question) rows -> generate -> parse -> ground -> verify -> answers/ rows,
     written to the output by this actor.
@@ -120,35 +116,6 @@ class AnswerBatches(GenerateAnswers):
                             self.expected)
         ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist()))
         return parts.select(["seconds", "patients"])  # what the driver sums; the ledger has the rest
-
-
-def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float,
-                expected: dict[str, int] | None = None) -> pa.Table:
-    """Write each shard's rows of a batch: committed at once when they are the whole shard (`expected` rows), else
-    staged as a part; one PART_SCHEMA row per shard (`path` empty for a committed one). A part's busy seconds are
-    its rows' share of the actor's time on the batch (start to written) plus its rows' cue-search time."""
-    shard_ids = answers["shard_id"]
-    parts = []
-    shards = pc.unique(shard_ids).to_pylist()
-    for shard_id in shards:
-        if len(shards) == 1:  # the usual batch: one shard's rows, no copy
-            part, cues = answers, cue_seconds
-        else:
-            mask = pc.equal(shard_ids, shard_id)
-            part, cues = answers.filter(mask), cue_seconds.filter(mask)
-        if expected is not None and part.num_rows == expected.get(shard_id):
-            store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
-            path = ""
-        else:
-            path = store.stage_part(shard_id, part)
-        parts.append((shard_id, path, part, float(pc.sum(cues).as_py() or 0.0)))
-    share = (time.perf_counter() - started) / max(answers.num_rows, 1)
-    return pa.Table.from_pylist([
-        {"shard_id": shard_id, "path": path, "rows": part.num_rows, "seconds": cues + share * part.num_rows,
-         **dict(zip(("first_row", "last_row"), (v.as_py() for v in pc.min_max(part["row_number"]).values()))),
-         "patients": pc.unique(part["patient_id"]).to_pylist(),
-         "statuses": json.dumps({r["values"]: r["counts"] for r in pc.value_counts(part["status"]).to_pylist()})}
-        for shard_id, path, part, cues in parts], schema=PART_SCHEMA)
 
 
 def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema: pa.Schema, ledger, expected: dict[str, int]):

@@ -41,11 +41,11 @@ class _Irregular(Exception):
 def columnar_rollup(answers, job: JobSpec, schema: pa.Schema) -> pa.Table | None:
     """The patient table of `answers` (a table or the committed files) for `job`, typed as `schema`; None when
     the answers are not in the engine's layout."""
-    from engine.cohort.rollup import ANSWER_COLUMNS
+    from engine.cohort.rollup import ROLLUP_COLUMNS
 
     names = answers.schema.names
     optional = ["charttime", "verified", "model"] + ([] if job.review.require_grounded_evidence else ["grounding"])
-    wanted = [*ANSWER_COLUMNS, "grounding", "verified", "model", "row_number", *job.input.structured]
+    wanted = [*ROLLUP_COLUMNS, "grounding", "verified", "model", "row_number", *job.input.structured]
     if any(name not in names for name in wanted if name not in optional):
         return None
     columns = [name for name in wanted if name in names]

@@ -30,7 +30,6 @@ faster at 1M notes); any other table, or a layout that does not hold, goes throu
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import duckdb
@@ -40,12 +39,12 @@ import pyarrow.compute as pc
 
 from engine.job import JobSpec, QuestionSpec
 from engine.stages.generate import CUE_MODEL_NAME
-from engine.cohort.sql import SAFE_IDENTIFIER, identifier, quoted, sandbox
+from engine.cohort.sql import SAFE_IDENTIFIER, quoted, sandbox
 from engine.cohort.units import conversion_factor
 
 PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
 
-ANSWER_COLUMNS = {
+ROLLUP_COLUMNS = {
     "patient_id": pa.string(), "note_id": pa.string(), "question_id": pa.string(), "status": pa.string(),
     "value_bool": pa.bool_(), "value_num": pa.float64(), "unit": pa.string(), "evidence": pa.string(),
     "charttime": pa.timestamp("us"),
@@ -87,7 +86,7 @@ def patient_schema(job: JobSpec, structured_types: Mapping[str, pa.DataType] | N
 def rollup_answers(answers, job: JobSpec) -> pa.Table:
     """One row per patient (sorted by patient_id) with the rolled-up value of every question.
 
-    `answers` (a pyarrow Table or Dataset) has one row per (note, question): ANSWER_COLUMNS plus the job's
+    `answers` (a pyarrow Table or Dataset) has one row per (note, question): ROLLUP_COLUMNS plus the job's
     structured columns (and `grounding` when the job requires grounded evidence; `verified` and `model` where
     the answers have them: answers written before verification have not, and count as verified). Rows for question ids the
     job does not ask are ignored, but their notes still count in `n_notes`.
@@ -153,13 +152,13 @@ def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpe
     grounded = job.review.require_grounded_evidence
     optional = {"charttime": "NULL::TIMESTAMP", "verified": "NULL::BOOLEAN", "model": "NULL::VARCHAR",
                 **({} if grounded else {"grounding": "NULL::VARCHAR"})}
-    needed = [*ANSWER_COLUMNS, "grounding", "verified", "model", *job.input.structured]
+    needed = [*ROLLUP_COLUMNS, "grounding", "verified", "model", *job.input.structured]
     missing = [name for name in needed if name not in schema.names and name not in optional]
     if missing:
         raise ValueError(f"answers table lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
     for name in job.input.structured:
-        if not SAFE_IDENTIFIER.match(name) or name in ANSWER_COLUMNS:
-            raise ValueError(f"structured column {name!r} must be a lowercase identifier not in {list(ANSWER_COLUMNS)}")
+        if not SAFE_IDENTIFIER.match(name) or name in ROLLUP_COLUMNS:
+            raise ValueError(f"structured column {name!r} must be a lowercase identifier not in {list(ROLLUP_COLUMNS)}")
     select = ", ".join(quoted(n) if n in schema.names else f"{optional[n]} AS {quoted(n)}" for n in needed)
     con.sql(f"CREATE TEMP VIEW answers AS SELECT {select} FROM answers_in")
     accepted = ["exact", "fuzzy"] if job.review.accept_fuzzy else ["exact"]

@@ -280,7 +280,6 @@ def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
         cue_outputs = batch["cue_output"].combine_chunks() if "cue_output" in batch.column_names else None
         hybrid = plan.job.extraction.mode == "hybrid"
         for row, values in zip(rows, picked):
-            question = plan.by_id[values["question_id"]]
             text = text_of(row) or ""
             cue = cue_outputs[row].as_py() if cue_outputs is not None else None
             reason = check_row(values, text, plan, note_contexts, cue)

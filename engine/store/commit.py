@@ -1,5 +1,7 @@
-"""Commit: a small Ray actor, the ledger, hears of every staged part from the model actors and commits each shard
-(a Ray task merges its parts into answers/<shard>.parquet) as soon as all its rows are staged.
+"""Commit: how answers reach answers/ exactly once. The model actor writes each shard's rows of a batch
+(stage_parts: committed at once when they are the whole shard, else staged as a part under _staging/); a small Ray
+actor, the ledger, hears of every staged part and, with a ShardCollector, commits each shard (a Ray task merges
+its parts into answers/<shard>.parquet) as soon as all its rows are staged.
 
 The model actors report to it directly, not through Ray Data's output: Ray Data gathers small outputs into
 blocks of `target_max_block_size` before handing them on, so with a slow model the driver would hear of a part
@@ -14,8 +16,9 @@ from collections import Counter, deque
 from functools import lru_cache
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from engine.store.layout import OutputStore, ShardCollector
+from engine.store.layout import OutputStore
 
 COMMITS_IN_FLIGHT = 2  # shards merged at once (each holds one shard's rows in memory)
 COMMIT_RETRIES = 2  # a commit task whose worker dies is run again (it is safe to run twice)
@@ -95,3 +98,70 @@ class ShardLedger:
         while self.waiting and len(self.running) < COMMITS_IN_FLIGHT and self.error is None:
             shard_id, paths = self.waiting.popleft()
             self.running[self.task.remote(*self.args, shard_id, paths)] = self.collector.expected[shard_id]
+
+
+PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("first_row", pa.int64()),
+                         ("last_row", pa.int64()), ("seconds", pa.float64()), ("patients", pa.list_(pa.string())),
+                         ("statuses", pa.string())])
+
+
+def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float,
+                expected: dict[str, int] | None = None) -> pa.Table:
+    """Write each shard's rows of a batch: committed at once when they are the whole shard (`expected` rows), else
+    staged as a part; one PART_SCHEMA row per shard (`path` empty for a committed one). A part's busy seconds are
+    its rows' share of the actor's time on the batch (start to written) plus its rows' cue-search time."""
+    shard_ids = answers["shard_id"]
+    parts = []
+    shards = pc.unique(shard_ids).to_pylist()
+    for shard_id in shards:
+        if len(shards) == 1:  # the usual batch: one shard's rows, no copy
+            part, cues = answers, cue_seconds
+        else:
+            mask = pc.equal(shard_ids, shard_id)
+            part, cues = answers.filter(mask), cue_seconds.filter(mask)
+        if expected is not None and part.num_rows == expected.get(shard_id):
+            store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
+            path = ""
+        else:
+            path = store.stage_part(shard_id, part)
+        parts.append((shard_id, path, part, float(pc.sum(cues).as_py() or 0.0)))
+    share = (time.perf_counter() - started) / max(answers.num_rows, 1)
+    return pa.Table.from_pylist([
+        {"shard_id": shard_id, "path": path, "rows": part.num_rows, "seconds": cues + share * part.num_rows,
+         **dict(zip(("first_row", "last_row"), (v.as_py() for v in pc.min_max(part["row_number"]).values()))),
+         "patients": pc.unique(part["patient_id"]).to_pylist(),
+         "statuses": json.dumps({r["values"]: r["counts"] for r in pc.value_counts(part["status"]).to_pylist()})}
+        for shard_id, path, part, cues in parts], schema=PART_SCHEMA)
+
+
+class ShardCollector:
+    """Counts a shard's staged parts as they are reported (in any order, a part reported twice by a retried task
+    counted once); hands back each shard's part paths once all its rows are staged."""
+
+    def __init__(self, expected_rows: dict[str, int]):
+        self.expected = dict(expected_rows)
+        self.parts: dict[str, list[str]] = {}
+        self.counts: dict[str, int] = {}
+        self.seen: set = set()
+
+    def add(self, shard_id: str, path: str, rows: int, key=None) -> list[str] | None:
+        """Record one part; return the shard's paths when it is complete. `key` names the part's rows (a retried
+        batch stages the same rows again under another path): a key already seen is ignored."""
+        if shard_id not in self.expected:
+            raise RuntimeError(f"a part of shard {shard_id}, which this run does not process: a pipeline bug")
+        if key is not None:
+            if key in self.seen:
+                return None
+            self.seen.add(key)
+        self.parts.setdefault(shard_id, []).append(path)
+        self.counts[shard_id] = self.counts.get(shard_id, 0) + rows
+        if self.counts[shard_id] > self.expected[shard_id]:
+            raise RuntimeError(f"shard {shard_id} produced more rows than expected: a pipeline bug")
+        if self.counts[shard_id] == self.expected[shard_id]:
+            return self.parts.pop(shard_id)
+        return None
+
+    @property
+    def incomplete(self) -> list[str]:
+        """Shards with some but not all rows staged, and shards with none."""
+        return sorted(self.parts) + sorted(set(self.expected) - set(self.counts))

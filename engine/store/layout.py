@@ -282,36 +282,3 @@ def _check_same_job(uri: str, existing: dict, manifest: dict) -> None:
                 f"output {uri} was written by {what} (job {existing.get('job_name')!r}); "
                 "use --overwrite to start afresh or choose another --output"
             )
-
-
-class ShardCollector:
-    """Counts a shard's staged parts as they are reported (in any order, a part reported twice by a retried task
-    counted once); hands back each shard's part paths once all its rows are staged."""
-
-    def __init__(self, expected_rows: dict[str, int]):
-        self.expected = dict(expected_rows)
-        self.parts: dict[str, list[str]] = {}
-        self.counts: dict[str, int] = {}
-        self.seen: set = set()
-
-    def add(self, shard_id: str, path: str, rows: int, key=None) -> list[str] | None:
-        """Record one part; return the shard's paths when it is complete. `key` names the part's rows (a retried
-        batch stages the same rows again under another path): a key already seen is ignored."""
-        if shard_id not in self.expected:
-            raise RuntimeError(f"a part of shard {shard_id}, which this run does not process: a pipeline bug")
-        if key is not None:
-            if key in self.seen:
-                return None
-            self.seen.add(key)
-        self.parts.setdefault(shard_id, []).append(path)
-        self.counts[shard_id] = self.counts.get(shard_id, 0) + rows
-        if self.counts[shard_id] > self.expected[shard_id]:
-            raise RuntimeError(f"shard {shard_id} produced more rows than expected: a pipeline bug")
-        if self.counts[shard_id] == self.expected[shard_id]:
-            return self.parts.pop(shard_id)
-        return None
-
-    @property
-    def incomplete(self) -> list[str]:
-        """Shards with some but not all rows staged, and shards with none."""
-        return sorted(self.parts) + sorted(set(self.expected) - set(self.counts))

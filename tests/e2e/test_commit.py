@@ -54,7 +54,7 @@ def test_a_shard_is_committed_when_its_last_part_arrives(ray_local, tmp_path):
 def test_a_shard_its_actor_committed_counts_without_a_commit_task(ray_local, tmp_path):
     """A batch that held a whole shard wrote answers/<shard>.parquet itself (empty path): the ledger counts it
     committed at once, and the same report again (a retried batch) counts once."""
-    from engine.run import stage_parts
+    from engine.store.commit import stage_parts
 
     store = OutputStore(str(tmp_path / "out"), {})
     part = rows("s1", 0, 3)

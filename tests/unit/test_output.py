@@ -11,7 +11,8 @@ import pytest
 
 from engine.errors import OutputError
 from engine.job import JobSpec, load_job
-from engine.store.layout import (ANSWER_COLUMNS, ANSWERS, MANIFEST, OutputStore, ShardCollector, answer_schema, read_answers,
+from engine.store.commit import ShardCollector
+from engine.store.layout import (ANSWER_COLUMNS, ANSWERS, MANIFEST, OutputStore, answer_schema, read_answers,
                            to_answer_table)
 from engine.stages.read import plan_input
 

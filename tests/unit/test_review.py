@@ -14,11 +14,11 @@ from report_fixtures import ROOT, gold_answers, write_output_folder
 
 from engine.store.answers import answers_dataset
 from engine.job import JobSpec, load_job
-from engine.cohort.rollup import ANSWER_COLUMNS
+from engine.cohort.rollup import ROLLUP_COLUMNS
 from engine.cohort.rules import screen
 
 T0 = datetime(2150, 1, 1)
-SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "age": pa.int64()})
+SCHEMA = pa.schema({**ROLLUP_COLUMNS, "grounding": pa.string(), "age": pa.int64()})
 
 
 def make_job(require: bool = True, accept_fuzzy: bool = True) -> JobSpec:
@@ -131,7 +131,7 @@ def test_the_report_counts_ungrounded_answers_and_the_patients_they_hold(tmp_pat
 
 
 # --- review.require_verified_answers: a model answer that failed its check against the note -------------------------
-VERIFY_SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "verified": pa.bool_(), "model": pa.string(),
+VERIFY_SCHEMA = pa.schema({**ROLLUP_COLUMNS, "grounding": pa.string(), "verified": pa.bool_(), "model": pa.string(),
                            "age": pa.int64()})
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.job import JobSpec
-from engine.cohort.rollup import ANSWER_COLUMNS, patient_schema, rollup_answers
+from engine.cohort.rollup import ROLLUP_COLUMNS, patient_schema, rollup_answers
 
 JOB = JobSpec.model_validate({
     "name": "rollup-test",
@@ -38,7 +38,7 @@ def answers(*rows: dict) -> pa.Table:
     base = {"patient_id": "p1", "note_id": "n1", "status": "answered", "value_bool": None, "value_num": None,
             "unit": None, "evidence": None, "charttime": T0, "sex": "F", "age": 70}
     full = [{**base, **row} for row in rows]
-    schema = pa.schema({**ANSWER_COLUMNS, **STRUCTURED})
+    schema = pa.schema({**ROLLUP_COLUMNS, **STRUCTURED})
     return pa.Table.from_pylist(full, schema=schema)
 
 

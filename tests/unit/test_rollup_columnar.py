@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 
 from engine.store.answers import answers_dataset
 from engine.job import JobSpec
-from engine.cohort.rollup import ANSWER_COLUMNS, _schema_for, rollup_answers, rollup_sql
+from engine.cohort.rollup import ROLLUP_COLUMNS, _schema_for, rollup_answers, rollup_sql
 from engine.cohort.columnar import columnar_rollup
 from test_rollup import JOB
 
 QUESTIONS = JOB.model_dump()["questions"]  # any/all yes_no, max/min/latest numeric with units and a cap
 T0 = datetime(2150, 1, 1)
-SCHEMA = pa.schema({**ANSWER_COLUMNS, "grounding": pa.string(), "verified": pa.bool_(), "model": pa.string(),
+SCHEMA = pa.schema({**ROLLUP_COLUMNS, "grounding": pa.string(), "verified": pa.bool_(), "model": pa.string(),
                     "row_number": pa.int64(), "sex": pa.string(), "age": pa.int64()})
 
 

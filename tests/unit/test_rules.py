@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from engine.errors import JobError
 from engine.job import JobSpec, load_job
-from engine.cohort.rollup import ANSWER_COLUMNS, patient_schema
+from engine.cohort.rollup import ROLLUP_COLUMNS, patient_schema
 from engine.cohort.rules import apply_rules, check_rules, cohort_funnel, screen
 from engine.cohort.sql import sandbox
 
@@ -212,7 +212,7 @@ def test_screen_runs_rollup_rules_and_funnel():
     rows = [{"patient_id": "p1", "note_id": "n1", "question_id": q, "status": s, "value_bool": v, "value_num": None,
              "unit": None, "evidence": None, "charttime": datetime(2150, 1, 1), "sex": "F", "age": 80}
             for q, s, v in [("a", "answered", True), ("b", "not_in_note", None), ("c", "error", None)]]
-    answers = pa.Table.from_pylist(rows, schema=pa.schema({**ANSWER_COLUMNS, **TYPES}))
+    answers = pa.Table.from_pylist(rows, schema=pa.schema({**ROLLUP_COLUMNS, **TYPES}))
     out, funnel = screen(answers, UNKNOWN_JOB)
     row = out.to_pylist()[0]
     assert (row["inc_a"], row["exc_b"], row["exc_c"], row["inc_x"]) == ("met", "not_met", "unknown", "unknown")
