@@ -57,6 +57,9 @@ def _load(job_path: Path, input_uri: str | None = None, output_uri: str | None =
     from engine.cohort.rules import check_rules
 
     job = load_job(job_path)
+    if mode and mode != "lexical" and job.model.backend == "lexical":
+        raise JobError(str(job_path), [f"--mode {mode} needs a model, and model.backend is lexical (no model): set "
+                                       "model.backend to vllm, or run with --mode lexical"])
     if mode:
         job = job.model_copy(update={"extraction": job.extraction.model_copy(update={"mode": mode})})
     if input_uri:

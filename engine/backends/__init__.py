@@ -9,7 +9,6 @@ from engine.plan import Plan
 BACKENDS = {
     "vllm": "engine.backends.vllm:VLLMBackend",
     "null": "engine.backends.null:NullBackend",
-    "lexical": "engine.backends.lexical:LexicalBackend",
 }
 
 
@@ -17,6 +16,8 @@ def load_backend(plan: Plan) -> Backend:
     """Import and start the job's backend (lazily: `validate` and unit tests never import vLLM)."""
     import importlib
 
+    if plan.job.model.backend == "lexical":
+        raise BackendError("model.backend lexical loads no model: it is extraction mode lexical (the cues alone)")
     target = BACKENDS.get(plan.job.model.backend)
     if target is None:
         raise BackendError(f"unknown backend {plan.job.model.backend!r}; known backends: {', '.join(BACKENDS)}")

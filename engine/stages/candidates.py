@@ -24,6 +24,9 @@ from engine.stages.context import Context, contexts
 from engine.stages.cues import LabValue, Match, find_mentions, read_values
 from engine.job import QuestionSpec
 from engine.plan import Plan, PlannedQuestion
+from engine.stages import require_columns
+
+REQUIRED_COLUMNS = ("question_id", "text")  # what this stage reads
 
 CANDIDATE_COLUMNS = {
     "route": pa.string(),
@@ -59,6 +62,7 @@ class Assessment:
 
 def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     """Append CANDIDATE_COLUMNS to an expanded (note x question) batch."""
+    require_columns(batch, "candidates", REQUIRED_COLUMNS)
     n = batch.num_rows
     if plan.job.extraction.mode == "model" or n == 0:
         return _every_pair_to_the_model(batch)

@@ -11,7 +11,10 @@ import pyarrow.compute as pc
 from engine.backends import Request, load_backend
 from engine.job import JobSpec
 from engine.plan import make_plan
+from engine.stages import require_columns
 from engine.stages.candidates import NO_CUES_ERROR
+
+REQUIRED_COLUMNS = ("note_id", "question_id", "text", "note_error", "route", "cue_output", "model_text", "cue_hint")
 
 GENERATION_COLUMNS = {
     "raw_output": pa.string(),
@@ -73,6 +76,7 @@ class GenerateAnswers:
         self.backend = None if self.plan.job.extraction.mode == "lexical" else load_backend(self.plan)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, "generate", REQUIRED_COLUMNS)
         started = time.perf_counter()
         n = batch.num_rows
         live = pc.is_null(batch["note_error"].combine_chunks())

@@ -12,6 +12,9 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 from rapidfuzz import fuzz
+from engine.stages import require_columns
+
+REQUIRED_COLUMNS = ("evidence", "text")  # what this stage reads
 
 FUZZY_MIN_SCORE = 90.0
 GROUNDING_COLUMNS = {"evidence_start": pa.int32(), "evidence_end": pa.int32(), "grounding": pa.string()}
@@ -66,6 +69,7 @@ def _original_span(start: int, length: int, offsets: list[int], text: str) -> tu
 def ground_evidence(batch: pa.Table, keep_text: bool = False) -> pa.Table:
     """Only rows with a quote are looked at; the note text is read through its dictionary (once per note).
     The text column is dropped unless `keep_text` (verify reads it next)."""
+    require_columns(batch, "ground", REQUIRED_COLUMNS)
     n = batch.num_rows
     starts, ends, statuses = [None] * n, [None] * n, [None] * n
     evidence = batch["evidence"].combine_chunks()

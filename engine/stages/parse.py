@@ -10,6 +10,11 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from engine.plan import Plan
+from engine.stages import require_columns
+
+REQUIRED_COLUMNS = (  # what this stage reads
+    "question_id", "note_error", "generation_error", "finish_reason", "raw_output",
+)
 
 ANSWER_FIELDS = {
     "status": pa.string(),
@@ -25,6 +30,7 @@ MAX_ERROR_CHARS = 300
 def parse_answers(batch: pa.Table, plan: Plan) -> pa.Table:
     """Each distinct (question, problem, finish reason, output) is validated once, then spread to its rows:
     with millions of rows most outputs repeat ("not in note"), and the work stays per distinct answer."""
+    require_columns(batch, "parse", REQUIRED_COLUMNS)
     if batch.num_rows == 0:
         for name, dtype in ANSWER_FIELDS.items():
             batch = batch.append_column(name, pa.array([], dtype))

@@ -46,6 +46,12 @@ from engine.stages.ground import fold, locate, text_lookup
 from engine.stages.parse import parse_one
 from engine.stages.prompt import SYSTEM_PROMPT, unit_hint
 from engine.cohort.units import conversion_factor
+from engine.stages import require_columns
+
+REQUIRED_COLUMNS = (  # what this stage reads
+    "status", "route", "text", "question_id", "value_bool", "value_num", "unit", "evidence", "evidence_start",
+    "evidence_end", "grounding", "model",
+)
 
 VERIFY_COLUMNS = {"verified": pa.bool_(), "verification": pa.string()}
 HEADER_LINES = 3  # a numeric quote's lab name may stand this many lines above it (a table's header row)
@@ -267,6 +273,7 @@ CHECKED = ["question_id", "status", "value_bool", "value_num", "unit", "evidence
 def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
     """Append VERIFY_COLUMNS to grounded rows (which still hold `text`); in hybrid mode a failed model answer gives
     way to its cue answer. Rows without a model answer cost nothing: the check is per model-answered row."""
+    require_columns(batch, "verify", REQUIRED_COLUMNS)
     n = batch.num_rows
     verified, reasons = [None] * n, [None] * n
     claims = pc.is_in(batch["status"], value_set=pa.array(CHECKED_STATUSES))
