@@ -9,8 +9,11 @@ distractor sentences it carries, which lab values it reports). Gold comes from t
 parsing the text; each distractor names the questions it must NOT make true, and `check_plan` refuses a
 plan where a distractor contradicts a documented fact. Text that is neither a positive statement nor a
 distractor (exam, medications, filler course) never names a condition of the 15 yes/no questions.
+
+The wording is data: `synthetic_phrases.yaml` next to this file. The questions (ids, types, roll-ups, units and
+their factors, caps) are read from the job file (`jobs/apixaban.yaml`, or `--job`), so gold cannot drift from it.
 The cohort decision (`expected`) is computed here in plain Python with Kleene logic, independently of the
-engine's SQL; `jobs/apixaban.yaml` is only cross-checked by the tests.
+engine's SQL: its criteria and limits are this module's own on purpose, and only cross-checked by the tests.
 """
 
 from __future__ import annotations
@@ -19,41 +22,30 @@ import argparse
 import datetime as dt
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
+
+from engine.job import load_job
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_JOB = HERE.parents[1] / "jobs" / "apixaban.yaml"
+PHRASES_FILE = HERE / "synthetic_phrases.yaml"
 
 # ---------------------------------------------------------------------------------------------------
-# The job's questions, units and criteria (kept in step with jobs/apixaban.yaml by the unit tests).
+# The cohort decision's own criteria, (id, kind, unknown:) in job order, and the limits decide() applies.
+# Deliberately NOT read from the job: decide() is a second implementation of the trial logic that the engine's
+# rules are checked against (tests/e2e/test_rules_on_gold.py, test_expected_agrees_with_the_engine_rules), so
+# reading them from the job would check the job against itself. tests/unit/test_synthetic.py cross-checks
+# CRITERIA with jobs/apixaban.yaml.
 # ---------------------------------------------------------------------------------------------------
-YES_NO = (
-    "atrial_fibrillation", "depression", "schizophrenia", "bipolar_disorder", "bleeding_tendency",
-    "recent_stroke", "peptic_ulcer", "recent_serious_bleeding", "af_ablation", "valvular_stenosis_surgery",
-    "heart_failure", "diabetes", "hypertension", "prior_stroke_tia", "cannot_make_decisions",
-)
-NUMERIC = ("platelets_min", "bilirubin_max", "ast_max", "creatinine_max", "hemoglobin_min", "chads2_max",
-           "lvef_min", "glucose_max")
-QUESTION_IDS = YES_NO + NUMERIC
-ROLLUP = {"platelets_min": min, "bilirubin_max": max, "ast_max": max, "creatinine_max": max,
-          "hemoglobin_min": min, "chads2_max": max, "lvef_min": min, "glucose_max": max}
-FACTORS = {  # unit key -> factor to the canonical unit (the first key), as in the job's `units:`
-    "platelets_min": {"10^3/uL": 1, "10^9/L": 1, "/mm3": 0.001, "/uL": 0.001},
-    "bilirubin_max": {"mg/dL": 1, "umol/L": 0.05848},
-    "ast_max": {"U/L": 1, "IU/L": 1},
-    "creatinine_max": {"mg/dL": 1, "umol/L": 0.01131},
-    "hemoglobin_min": {"g/dL": 1, "g/L": 0.1, "mmol/L": 1.611},
-    "chads2_max": {"points": 1},
-    "lvef_min": {"%": 1},
-    "glucose_max": {"mg/dL": 1, "mmol/L": 18.016},
-}
-LVEF_CAP = 55.0
 AST_ULN = {"F": 32, "M": 40}
 BILIRUBIN_ULN = 1.2
-# (id, kind, unknown:) in job order
 CRITERIA = (
     ("inc_af", "inclusion", "needs_review"), ("inc_risk_factor", "inclusion", "needs_review"),
     ("exc_valvular_stenosis", "exclusion", "needs_review"), ("exc_recent_stroke", "exclusion", "needs_review"),
@@ -75,186 +67,103 @@ EXPECTED_SCHEMA = pa.schema([("subject_id", pa.string())] + [(c[0], pa.string())
                             + [("status", pa.string()), ("reasons", pa.string())])
 
 # ---------------------------------------------------------------------------------------------------
-# Positive statements: each documents exactly one yes/no fact for this patient.
-# long: PMH / diagnosis list item; short: HPI one-liner abbreviation; course: hospital-course paragraph.
+# Phrase tables (synthetic_phrases.yaml; what each table means is written there).
 # ---------------------------------------------------------------------------------------------------
-POSITIVE = {
-    "atrial_fibrillation": dict(
-        long=["Paroxysmal atrial fibrillation", "Atrial fibrillation, persistent, rate controlled",
-              "Permanent AF on warfarin", "Paroxysmal a-fib", "Atrial flutter, typical, on warfarin"],
-        short=["AF", "afib", "a-fib", "PAF", "atrial fibrillation", "atrial flutter"],
-        course=["#Atrial fibrillation: rate controlled on metoprolol; anticoagulation continued.",
-                "#Afib: remained in AF with controlled rates on telemetry; continued warfarin, INR goal 2-3.",
-                "#PAF: intermittent afib on telemetry with rates in the 70s-90s; anticoagulation continued."]),
-    "depression": dict(long=["Major depressive disorder", "Depression, stable on sertraline"],
-                       short=["depression", "MDD"]),
-    "schizophrenia": dict(long=["Schizophrenia, on clozapine", "Schizoaffective disorder, followed by outpatient psychiatry"],
-                          short=["schizophrenia", "schizoaffective disorder"]),
-    "bipolar_disorder": dict(long=["Bipolar I disorder on lithium", "Bipolar disorder, on lamotrigine"],
-                             short=["bipolar disorder", "BPAD"]),
-    "bleeding_tendency": dict(long=["von Willebrand disease, type 1", "Hemophilia A (mild)",
-                                    "Chronic immune thrombocytopenia (ITP)"],
-                              short=["vWD", "hemophilia A", "chronic ITP"]),
-    "peptic_ulcer": dict(long=["Peptic ulcer disease", "PUD (H. pylori, treated)", "Gastric ulcer on EGD ___, on omeprazole"],
-                         short=["PUD", "peptic ulcer disease"]),
-    "recent_serious_bleeding": dict(
-        long=["Upper GI bleed from a Mallory-Weiss tear 2 months ago, required 3 units pRBC",
-              "Lower GI bleed from diverticulosis 6 weeks ago requiring 2 units pRBC",
-              "Retroperitoneal hematoma 4 weeks ago while on heparin, transfused 2 units pRBC"],
-        short=["recent GI bleed requiring transfusion"]),
-    "af_ablation": dict(long=["AF ablation (PVI) scheduled for next month with EP",
-                              "s/p pulmonary vein isolation for AF ___, with recurrent AF since",
-                              "Planned catheter ablation for symptomatic paroxysmal AF"],
-                        short=["AF ablation scheduled for next month"]),
-    "valvular_stenosis_surgery": dict(
-        long=["Severe rheumatic mitral stenosis (MVA 0.9 cm2), referred to cardiac surgery for mitral valve replacement",
-              "Moderate-to-severe mitral stenosis; cardiac surgery consulted, MVR planned",
-              "Severe symptomatic aortic stenosis, scheduled for surgical AVR"],
-        short=["severe mitral stenosis awaiting MVR"]),
-    "heart_failure": dict(long=["Congestive heart failure, NYHA class II", "CHF"], short=["CHF"],
-                          course=["#CHF: euvolemic on exam; continued home furosemide and carvedilol; daily weights."]),
-    "diabetes": dict(long=["Type 2 diabetes mellitus on metformin", "Diabetes mellitus type 2, insulin-requiring",
-                           "T2DM, complicated by neuropathy", "DM2"],
-                     short=["DM2", "T2DM", "IDDM", "diabetes"],
-                     course=["#T2DM: held metformin in house, covered with insulin sliding scale; home regimen resumed.",
-                             "#DM2: on glargine and ISS in house; FSBG reviewed daily."]),
-    "hypertension": dict(long=["Hypertension", "HTN on lisinopril", "Essential hypertension"],
-                         short=["HTN", "hypertension"],
-                         course=["#HTN: continued home lisinopril and amlodipine; BP well controlled."]),
-    "prior_stroke_tia": dict(long=["Prior ischemic stroke (___) with residual mild L hemiparesis", "TIA ___, on aspirin",
-                                   "h/o CVA ___, no residual deficits", "Remote lacunar stroke"],
-                             short=["h/o CVA", "prior TIA", "remote stroke"]),
-    "recent_stroke": dict(long=["Acute ischemic stroke, L MCA territory (this admission)",
-                                "Acute embolic stroke (R PCA territory), this admission"],
-                          short=["acute ischemic stroke this admission"]),
-    "cannot_make_decisions": dict(
-        long=["Advanced Alzheimer dementia; lacks capacity, daughter (health care proxy) makes medical decisions",
-              "Vascular dementia, oriented to self only; does not have capacity to make medical decisions"],
-        short=["dementia"]),
-}
-HF_BY_EF = {  # heart-failure wording consistent with the note's LVEF
-    "reduced": (["Chronic systolic heart failure (HFrEF)", "CHF with reduced EF", "Ischemic cardiomyopathy with HFrEF"],
-                ["HFrEF", "systolic CHF"]),
-    "preserved": (["Heart failure with preserved EF (HFpEF)", "Chronic diastolic CHF"], ["HFpEF", "diastolic CHF"]),
-}
+PHRASES = yaml.safe_load(PHRASES_FILE.read_text(encoding="utf-8"))
+
+POSITIVE = PHRASES["positive"]               # question id -> {long, short, course} wordings
+HF_BY_EF = PHRASES["heart_failure_by_ef"]    # reduced | preserved -> {long, short}
+MEDS_FOR = PHRASES["meds_for"]
+NEUTRAL_MEDS = PHRASES["neutral_meds"]
+NEUTRAL_PMH = PHRASES["neutral_pmh"]
+# key -> (category, section, questions it must leave false, texts)
+DISTRACTORS = {key: (d["category"], d["section"], tuple(d["questions"]), d["texts"])
+               for key, d in PHRASES["distractors"].items()}
+# A distractor that only makes sense when the note documents another fact.
+DISTRACTOR_NEEDS = {key: d["needs"] for key, d in PHRASES["distractors"].items() if "needs" in d}
+RANDOM_DISTRACTORS = tuple(PHRASES["random_distractors"])
+LAB_NAMES = {qid: spec["names"] for qid, spec in PHRASES["labs"].items()}
+COMPLAINTS = PHRASES["complaints"]           # key -> {chief, hpi, diagnosis, course, fact?}
+NEUTRAL_COMPLAINTS = tuple(PHRASES["neutral_complaints"])
+COMPLAINT_FACT = {key: c["fact"] for key, c in COMPLAINTS.items() if "fact" in c}
+NEUTRAL_COURSE = PHRASES["neutral_course"]
+SOCIAL = PHRASES["social"]
+FAMILY = PHRASES["family"]
+STUDIES = PHRASES["studies"]
+PROGRESS = PHRASES["progress"]
+HEADERS = PHRASES["headers"]
+BLANK_TEXT = PHRASES["blank_text"]
+SEX_WORDS = PHRASES["sex_words"]
+CONDITION = PHRASES["condition"]
+
+# Which facts are chronic history (PMH, HPI one-liner, secondary diagnoses) rather than this admission's events.
 CHRONIC = ("atrial_fibrillation", "heart_failure", "hypertension", "diabetes", "prior_stroke_tia", "depression",
            "schizophrenia", "bipolar_disorder", "bleeding_tendency", "peptic_ulcer", "valvular_stenosis_surgery",
            "cannot_make_decisions")
-MEDS_FOR = {
-    "atrial_fibrillation": ["Metoprolol Succinate XL 50 mg PO DAILY", "Warfarin 5 mg PO DAILY16"],
-    "hypertension": ["Lisinopril 20 mg PO DAILY", "amLODIPine 5 mg PO DAILY"],
-    "diabetes": ["MetFORMIN (Glucophage) 1000 mg PO BID", "Glargine 18 Units Bedtime"],
-    "heart_failure": ["Furosemide 40 mg PO DAILY", "Carvedilol 12.5 mg PO BID"],
-    "depression": ["Sertraline 100 mg PO DAILY"], "bipolar_disorder": ["Lithium Carbonate 300 mg PO BID"],
-    "schizophrenia": ["CloZAPine 200 mg PO QHS"], "peptic_ulcer": ["Omeprazole 20 mg PO DAILY"],
-    "cannot_make_decisions": ["Donepezil 10 mg PO QHS"], "prior_stroke_tia": ["Aspirin 81 mg PO DAILY"],
-}
-NEUTRAL_MEDS = [
-    "Acetaminophen 650 mg PO Q6H:PRN pain", "Docusate Sodium 100 mg PO BID", "Senna 8.6 mg PO BID:PRN constipation",
-    "Polyethylene Glycol 17 g PO DAILY:PRN constipation", "Atorvastatin 40 mg PO QPM", "Vitamin D 1000 UNIT PO DAILY",
-    "Tamsulosin 0.4 mg PO QHS", "Levothyroxine Sodium 75 mcg PO DAILY", "Albuterol Inhaler 2 PUFF IH Q4H:PRN wheeze",
-    "Tiotropium Bromide 1 CAP IH DAILY", "Fluticasone Propionate NASAL 1 SPRY NU DAILY", "Calcium Carbonate 500 mg PO BID",
-    "Multivitamins 1 TAB PO DAILY", "Cyanocobalamin 1000 mcg PO DAILY", "Melatonin 3 mg PO QHS:PRN insomnia",
-    "Lidocaine 5% Patch 1 PTCH TD QAM", "Gabapentin 300 mg PO QHS", "Ferrous Sulfate 325 mg PO DAILY",
-    "Cefpodoxime Proxetil 200 mg PO Q12H Duration: 3 Days", "Finasteride 5 mg PO DAILY", "Allopurinol 100 mg PO DAILY",
-    "Latanoprost 0.005% Ophth. Soln. 1 DROP BOTH EYES QHS", "Ipratropium-Albuterol Neb 1 NEB IH Q6H:PRN",
-    "Loratadine 10 mg PO DAILY", "Thiamine 100 mg PO DAILY", "Folic Acid 1 mg PO DAILY", "Sodium Chloride 1 gm PO TID",
-    "Oxycodone (Immediate Release) 2.5 mg PO Q6H:PRN severe pain", "Nicotine Patch 14 mg TD DAILY",
-    "Miconazole Powder 2% 1 Appl TP BID", "Cholecalciferol 2000 UNIT PO DAILY", "Bisacodyl 10 mg PR QHS:PRN",
-]
-NEUTRAL_PMH = ["Hyperlipidemia", "COPD", "OSA on CPAP", "BPH", "Hypothyroidism", "GERD", "Osteoarthritis of the knees",
-               "Gout", "Chronic low back pain", "Glaucoma", "CKD stage 3a", "s/p cholecystectomy", "Cataracts"]
-
-# ---------------------------------------------------------------------------------------------------
-# Distractors: sentences that must NOT make a question true. key -> (category, section, questions, texts)
-# ---------------------------------------------------------------------------------------------------
-DISTRACTORS = {
-    "neg_af": ("negation", "course", ("atrial_fibrillation",),
-               ["Denies chest pain, no AF on telemetry.", "Telemetry without AF or other arrhythmia throughout the stay."]),
-    "neg_dm": ("negation", "pmh", ("diabetes",), ["No history of diabetes.", "No h/o DM; HbA1c 5.4%."]),
-    "neg_htn_dm": ("negation", "pmh", ("hypertension", "diabetes"), ["Denies history of HTN or DM.", "No h/o HTN or diabetes."]),
-    "neg_stroke": ("negation", "pmh", ("prior_stroke_tia",), ["No prior stroke or TIA.", "Denies any history of CVA or TIA."]),
-    "neg_hf": ("negation", "pmh", ("heart_failure",), ["No history of heart failure.", "No known CHF."]),
-    "neg_bleed_dx": ("negation", "pmh", ("bleeding_tendency",), ["No known bleeding disorder.", "No history of bleeding diathesis."]),
-    "neg_bleeding": ("negation", "hpi", ("recent_serious_bleeding",),
-                     ["Denies melena, hematochezia, hematemesis or other bleeding.", "No recent bleeding."]),
-    "neg_depression": ("negation", "hpi", ("depression",), ["Denies depressed mood; PHQ-2 negative.", "Screened negative for depression."]),
-    "neg_pud": ("negation", "pmh", ("peptic_ulcer",), ["No history of peptic ulcer disease.", "Denies h/o PUD."]),
-    "fh_stroke": ("family_history", "family", ("prior_stroke_tia", "recent_stroke"),
-                  ["Mother had a stroke in her 70s.", "Father died of a stroke at 81."]),
-    "fh_bipolar": ("family_history", "family", ("bipolar_disorder",), ["Father with bipolar disorder.", "Sister with bipolar disorder, on lithium."]),
-    "fh_schizo": ("family_history", "family", ("schizophrenia",), ["Brother with schizophrenia.", "Maternal aunt with schizoaffective disorder."]),
-    "fh_dm": ("family_history", "family", ("diabetes",), ["Sister with type 2 diabetes.", "Both parents with diabetes."]),
-    "fh_af": ("family_history", "family", ("atrial_fibrillation",), ["Mother with atrial fibrillation, on warfarin.", "Father had afib."]),
-    "fh_hemophilia": ("family_history", "family", ("bleeding_tendency",), ["Maternal uncle with hemophilia A."]),
-    "fh_depression": ("family_history", "family", ("depression",), ["Mother with depression."]),
-    "fh_dementia": ("family_history", "family", ("cannot_make_decisions",), ["Father with Alzheimer dementia, died at 84."]),
-    "fh_hf": ("family_history", "family", ("heart_failure",), ["Father died of CHF at 70."]),
-    "hyp_ablation": ("hypothetical", "course", ("af_ablation",),
-                     ["If AF recurs, consider referral to EP for ablation.", "Would consider ablation in the future if AF becomes symptomatic."]),
-    "declined_ablation": ("hypothetical", "course", ("af_ablation",),
-                          ["Catheter ablation for AF was discussed; patient declined and prefers rate control."]),
-    "ro_pe": ("hypothetical", "course", (), ["CTA chest to rule out PE: negative.", "D-dimer elevated; CTA negative, PE ruled out."]),
-    "ro_hf": ("hypothetical", "course", ("heart_failure",),
-              ["Dyspnea initially concerning for CHF, but BNP normal and TTE unremarkable; CHF ruled out."]),
-    "hyp_pud": ("hypothetical", "course", ("peptic_ulcer",), ["Outpatient EGD to evaluate for peptic ulcer if dyspepsia persists."]),
-    "resolved_delirium": ("hypothetical", "course", ("cannot_make_decisions",),
-                          ["Delirium on HD2 in the setting of infection, resolved; at discharge A&Ox3 and making own medical decisions."]),
-    "mild_as": ("hypothetical", "results", ("valvular_stenosis_surgery",), ["Mild aortic stenosis on TTE; no intervention indicated."]),
-    "remote_bleed": ("hypothetical", "pmh", ("recent_serious_bleeding",), ["Remote GI bleed more than 10 years ago; no bleeding since."]),
-    "minor_epistaxis": ("hypothetical", "course", ("recent_serious_bleeding",),
-                        ["Minor self-limited epistaxis on HD3, no transfusion needed."]),
-    "svt_ablation": ("hypothetical", "pmh", ("af_ablation",), ["s/p ablation for AVNRT (___), no recurrence."]),
-    "ro_stroke": ("hypothetical", "course", ("recent_stroke", "cannot_make_decisions"),
-                  ["Code stroke called on arrival for acute confusion; CT/CTA head and MRI brain negative, stroke ruled out. "
-                   "Confusion attributed to toxic-metabolic encephalopathy and resolved by HD2."]),
-    "af_sepsis": ("reversible_af", "course", ("atrial_fibrillation",),
-                  ["Transient AF in the setting of sepsis, resolved with treatment of the infection; in sinus rhythm at "
-                   "discharge and anticoagulation not started."]),
-    "af_thyroid": ("reversible_af", "course", ("atrial_fibrillation",),
-                   ["New-onset atrial fibrillation in the setting of thyrotoxicosis, resolved after methimazole and "
-                    "beta-blockade; NSR at discharge, no anticoagulation."]),
-    "af_alcohol": ("reversible_af", "course", ("atrial_fibrillation",),
-                   ["Brief paroxysm of a-fib attributed to acute alcohol intoxication ('holiday heart'), converted "
-                    "spontaneously; NSR since, no anticoagulation indicated."]),
-    "col_stroke_team": ("name_collision", "hpi", ("recent_stroke",),
-                        ["Seen in the ED by the Acute Stroke Team (AST) for a possible facial droop, which on their exam "
-                         "was a chronic Bell's palsy; no stroke."]),
-    "col_a1c": ("name_collision", "results", (), ["HbA1c 7.9%.", "Hemoglobin A1c 8.4% this admission."]),
-    "col_crcl": ("name_collision", "results", (), ["Estimated CrCl 38 mL/min (Cockcroft-Gault).", "CrCl ~45 mL/min."]),
-    # rendered with the note's computed score, in the results section
-    "col_vasc": ("name_collision", "computed", (), ["CHA2DS2-VASc score {score}."]),
-}
-# A distractor that only makes sense when the note documents another fact.
-DISTRACTOR_NEEDS = {"hyp_ablation": "atrial_fibrillation", "declined_ablation": "atrial_fibrillation",
-                    "col_a1c": "diabetes", "col_vasc": "atrial_fibrillation"}
-RANDOM_DISTRACTORS = ("neg_bleeding", "neg_depression", "neg_pud", "fh_stroke", "fh_bipolar", "fh_schizo", "fh_dm",
-                      "fh_af", "fh_hemophilia", "fh_depression", "fh_dementia", "fh_hf", "ro_pe", "hyp_pud", "mild_as",
-                      "remote_bleed", "minor_epistaxis", "svt_ablation", "resolved_delirium", "col_crcl", "ro_stroke")
-
-# ---------------------------------------------------------------------------------------------------
-# Labs: spellings, units (unit key -> (multiplier from canonical, decimals, spellings)), benign ranges.
-# ---------------------------------------------------------------------------------------------------
-LAB_NAMES = {
-    "platelets_min": ["PLT", "Plt", "platelets", "Platelet count"], "bilirubin_max": ["T bili", "Tbili", "total bilirubin"],
-    "ast_max": ["AST", "AST (SGOT)"], "creatinine_max": ["Cr", "SCr", "creatinine", "Creat"],
-    "hemoglobin_min": ["Hgb", "Hb", "hemoglobin"], "glucose_max": ["BG", "blood glucose", "glucose"],
-}
-LAB_UNITS = {
-    "platelets_min": {"10^3/uL": (1, 0, ["K/uL", "x10^3/uL", ""]), "10^9/L": (1, 0, ["x10^9/L", "x 10^9/L"]),
-                      "/mm3": (1000, 0, ["/mm3", "/mm³"]), "/uL": (1000, 0, ["/uL", "/µL"])},
-    "bilirubin_max": {"mg/dL": (1, 1, ["mg/dL", ""]), "umol/L": (1 / 0.05848, 0, ["µmol/L", "umol/L", "μmol/L"])},
-    "ast_max": {"U/L": (1, 0, ["U/L", ""]), "IU/L": (1, 0, ["IU/L"])},
-    "creatinine_max": {"mg/dL": (1, 1, ["mg/dL", ""]), "umol/L": (1 / 0.01131, 0, ["µmol/L", "umol/L"])},
-    "hemoglobin_min": {"g/dL": (1, 1, ["g/dL", ""]), "g/L": (10, 0, ["g/L"]), "mmol/L": (1 / 1.611, 1, ["mmol/L"])},
-    "glucose_max": {"mg/dL": (1, 0, ["mg/dL", ""]), "mmol/L": (1 / 18.016, 1, ["mmol/L"])},
-}
+PSYCH_EXTRAS = ("depression", "bipolar_disorder", "schizophrenia", "peptic_ulcer")
+# Benign lab ranges (canonical units) and the panels labs come in.
 BENIGN = {"platelets_min": (150, 380), "bilirubin_max": (0.3, 1.1), "ast_max": (14, 36), "creatinine_max": (0.6, 1.3),
           "hemoglobin_min": (10.4, 14.6), "glucose_max": (78, 165)}
 PANELS = {"cbc": ("hemoglobin_min", "platelets_min"), "chem": ("creatinine_max", "glucose_max"),
           "lft": ("ast_max", "bilirubin_max")}
 
+# ---------------------------------------------------------------------------------------------------
+# The job's questions: set by use_job() from the job file (jobs/apixaban.yaml unless told otherwise).
+# ---------------------------------------------------------------------------------------------------
+YES_NO: tuple[str, ...] = ()
+NUMERIC: tuple[str, ...] = ()
+QUESTION_IDS: tuple[str, ...] = ()             # job order: one gold row per note and question, in this order
+ROLLUP: dict[str, Callable] = {}               # numeric question -> min or max
+UNIT: dict[str, str] = {}                      # numeric question -> its canonical unit
+FACTORS: dict[str, dict[str, float]] = {}      # numeric question -> unit key -> factor to the canonical unit
+CAPS: dict[str, float] = {}                    # numeric question -> cap (values above it count as it)
+LAB_UNITS: dict[str, dict[str, tuple]] = {}    # lab -> unit key -> (multiplier from canonical, decimals, spellings)
 
+
+def use_job(path: str | Path = DEFAULT_JOB) -> None:
+    """Read the questions from a job file: ids and types, roll-ups, canonical units, unit factors and caps.
+
+    Raises ValueError where the generator does not fit the job: a question id the phrase tables or this module
+    name that is not a question of the job (of that type), a lab unit the tables spell that the job does not
+    accept, a numeric roll-up other than min or max.
+    """
+    global YES_NO, NUMERIC, QUESTION_IDS, ROLLUP, UNIT, FACTORS, CAPS, LAB_UNITS
+    job = load_job(path)
+    yes_no = tuple(q.id for q in job.questions if q.type == "yes_no")
+    numeric = {q.id: q for q in job.questions if q.type == "numeric"}
+    named_yes_no = {*POSITIVE, *MEDS_FOR, *CHRONIC, *PSYCH_EXTRAS, *COMPLAINT_FACT.values(), *DISTRACTOR_NEEDS.values(),
+                    *(q for d in DISTRACTORS.values() for q in d[2])}
+    named_numeric = {*LAB_NAMES, *BENIGN, *(q for p in PANELS.values() for q in p), "lvef_min", "chads2_max"}
+    problems = [f"{q} is not a yes/no question of the job" for q in sorted(named_yes_no - set(yes_no))]
+    problems += [f"{q} is not a numeric question of the job" for q in sorted(named_numeric - set(numeric))]
+    problems += [f"{q.id}: roll-up {q.effective_rollup!r} (the generator writes min or max series)"
+                 for q in numeric.values() if q.effective_rollup not in ("min", "max")]
+    lab_units = {}
+    for qid, spec in PHRASES["labs"].items():
+        if qid not in numeric:
+            continue
+        q = numeric[qid]
+        problems += [f"{qid}: unit {u!r} is not one of the job's units" for u in spec["units"] if u not in q.units]
+        if q.unit not in spec["units"]:
+            problems.append(f"{qid}: the phrase tables do not spell the canonical unit {q.unit!r}")
+        lab_units[qid] = {u: (1 / factor, spec["units"][u]["decimals"], spec["units"][u]["spellings"])
+                          for u, factor in q.units.items() if u in spec["units"]}
+    if problems:
+        raise ValueError(f"{path}: the synthetic-note generator does not fit this job: " + "; ".join(problems))
+    YES_NO, NUMERIC, QUESTION_IDS = yes_no, tuple(numeric), tuple(q.id for q in job.questions)
+    ROLLUP = {q.id: {"min": min, "max": max}[q.effective_rollup] for q in numeric.values()}
+    UNIT = {q.id: q.unit for q in numeric.values()}
+    FACTORS = {q.id: dict(q.units) for q in numeric.values()}
+    CAPS = {q.id: q.cap for q in numeric.values() if q.cap is not None}
+    LAB_UNITS = lab_units
+
+
+use_job()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans: what a note documents (gold comes from these) and who it is about.
+# ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Lab:
     """One lab in one note: its unit key (as in the job), the spelling used, and the values as written."""
@@ -307,7 +216,7 @@ def _fmt(qid: str, unit: str, canonical: float) -> str:
 def lab(rng: random.Random, qid: str, extreme: float | None = None, unit: str | None = None, n: int = 1) -> Lab:
     """A series of n values whose extreme (min or max, per the question) is `extreme` (canonical unit)."""
     units = list(LAB_UNITS[qid])
-    unit = unit or (units[0] if rng.random() < 0.6 else rng.choice(units))
+    unit = unit or (UNIT[qid] if rng.random() < 0.6 else rng.choice(units))
     lo, hi = BENIGN[qid]
     if extreme is None:
         extreme = rng.uniform(lo, hi) if qid != "platelets_min" else rng.randint(lo, hi)
@@ -327,7 +236,7 @@ def panel(rng: random.Random, n: int, *groups: str, canonical: bool = False, **e
     out = {}
     for g in groups:
         for qid in PANELS[g]:
-            unit = list(LAB_UNITS[qid])[0] if canonical else None
+            unit = UNIT[qid] if canonical else None
             out[qid] = lab(rng, qid, extremes.get(qid), unit, n)
     return out
 
@@ -338,11 +247,11 @@ def fixed(qid: str, unit: str, *values: str, spelling: str | None = None) -> Lab
 
 
 def echo(*values: str) -> Lab:
-    return Lab("lvef_min", "%", tuple(values))
+    return Lab("lvef_min", UNIT["lvef_min"], tuple(values))
 
 
 def chads2(*values: int) -> Lab:
-    return Lab("chads2_max", "points", tuple(str(v) for v in values))
+    return Lab("chads2_max", UNIT["chads2_max"], tuple(str(v) for v in values))
 
 
 def chads2_score(pos: list[str], age: int) -> int:
@@ -362,8 +271,8 @@ def note_gold(plan: NotePlan) -> dict[str, tuple]:
             gold[q] = (None, None, None)
             continue
         value = ROLLUP[q](_num(v) for v in item.values)
-        if q == "lvef_min":
-            value = min(value, LVEF_CAP)
+        if q in CAPS:
+            value = min(value, CAPS[q])
         gold[q] = (None, value, item.unit)
     return gold
 
@@ -383,7 +292,7 @@ def decide(sex: str, age: int, golds: list[dict[str, tuple]]) -> dict[str, str]:
     for q in NUMERIC:
         known = [g[q][1] * FACTORS[q][g[q][2]] for g in golds if g[q][1] is not None]
         value = ROLLUP[q](known) if known else None
-        facts[q] = min(value, LVEF_CAP) if value is not None and q == "lvef_min" else value
+        facts[q] = min(value, CAPS[q]) if value is not None and q in CAPS else value
     f = facts
     raw = {
         "inc_af": f["atrial_fibrillation"],
@@ -412,116 +321,6 @@ def decide(sex: str, age: int, golds: list[dict[str, tuple]]) -> dict[str, str]:
     return {**states, "status": status, "reasons": ",".join(reasons)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Complaints: chief complaint, HPI phrase, primary diagnosis, course paragraph (and the fact it documents).
-# ---------------------------------------------------------------------------------------------------
-COMPLAINTS = {
-    "pneumonia": ("Cough, fever", "3 days of productive cough, fevers and dyspnea", "Community-acquired pneumonia",
-                  "#Community-acquired pneumonia: CXR with RLL consolidation. Treated with ceftriaxone and azithromycin, "
-                  "transitioned to cefpodoxime to complete a 5-day course. Afebrile and on room air at discharge."),
-    "uti": ("Fever, dysuria", "two days of dysuria, urinary frequency and fevers", "Acute pyelonephritis",
-            "#Pyelonephritis: UA positive, urine culture grew pan-sensitive E. coli. Treated with ceftriaxone, then "
-            "oral ciprofloxacin to complete 7 days."),
-    "hip": ("Left hip pain s/p fall", "a mechanical fall at home with inability to bear weight on the left leg",
-            "Left femoral neck fracture s/p hemiarthroplasty",
-            "#L femoral neck fracture: hemiarthroplasty with Orthopedics on HD2. Pain controlled with acetaminophen and "
-            "low-dose oxycodone. Weight bearing as tolerated per PT."),
-    "cellulitis": ("Leg redness", "3 days of redness, warmth and swelling of the left lower leg",
-                   "Left lower extremity cellulitis",
-                   "#LLE cellulitis: treated with IV cefazolin with rapid improvement in erythema, transitioned to "
-                   "cephalexin to complete a 7-day course. Borders marked, receding at discharge."),
-    "copd": ("Shortness of breath", "4 days of worsening dyspnea and wheeze", "COPD exacerbation",
-             "#COPD exacerbation: prednisone 40 mg daily for 5 days, azithromycin and standing nebulizers; back to "
-             "baseline on room air at discharge."),
-    "syncope": ("Syncope", "a witnessed syncopal episode after standing up quickly", "Orthostatic syncope",
-                "#Orthostatic syncope: orthostatic on arrival, improved with IV fluids and compression stockings; "
-                "head CT negative."),
-    "liver": ("Abdominal pain, abnormal LFTs", "RUQ pain, nausea and abnormal liver tests at an outside clinic",
-              "Drug-induced liver injury, improving",
-              "#Transaminitis: AST and ALT elevated on admission; RUQ ultrasound and hepatitis serologies unremarkable. "
-              "Felt to be drug-induced; the statin was held and LFTs were downtrending at discharge."),
-    "sepsis": ("Fever, hypotension", "fevers, rigors and lightheadedness", "Urosepsis (E. coli)",
-               "#Urosepsis: fever and hypotension on arrival; blood and urine cultures grew E. coli. Treated with IV "
-               "fluids and ceftriaxone, transitioned to oral antibiotics."),
-    "thyroid": ("Palpitations, weight loss", "palpitations, tremor and 10 lb weight loss", "Thyrotoxicosis (Graves disease)",
-                "#Thyrotoxicosis: TSH suppressed and free T4 elevated; started methimazole and propranolol; "
-                "Endocrinology to follow as outpatient."),
-    "stroke": ("Right-sided weakness, aphasia", "acute onset right arm weakness and word-finding difficulty",
-               "Acute ischemic stroke (L MCA territory)",
-               "#Acute ischemic stroke: code stroke activated in the ED and seen by the Acute Stroke Team (AST). MRI "
-               "brain showed an acute infarct in the L MCA territory; not a tPA candidate (outside the window). Started "
-               "aspirin and atorvastatin; anticoagulation to begin in ___ days per Neurology."),
-    "gib": ("Bright red blood per rectum", "painless bright red blood per rectum and lightheadedness",
-            "Lower GI bleed from diverticulosis",
-            "#Lower GI bleed: transfused 2 units pRBC; colonoscopy showed diverticulosis with stigmata of recent "
-            "bleeding. No further bleeding after HD2."),
-    "chf": ("Dyspnea, leg swelling", "2 weeks of dyspnea on exertion, orthopnea and leg swelling",
-            "Acute on chronic heart failure",
-            "#Acute on chronic CHF: diuresed with IV furosemide, net negative 4 L; transitioned to oral furosemide."),
-    "ms": ("Dyspnea on exertion", "progressive dyspnea on exertion over 3 months", "Symptomatic mitral stenosis",
-           "#Mitral stenosis: TTE with severe rheumatic mitral stenosis. Seen by Cardiac Surgery; mitral valve "
-           "replacement planned as outpatient."),
-}
-NEUTRAL_COMPLAINTS = ("pneumonia", "uti", "hip", "cellulitis", "copd", "syncope")
-COMPLAINT_FACT = {"stroke": "recent_stroke", "gib": "recent_serious_bleeding", "chf": "heart_failure",
-                  "ms": "valvular_stenosis_surgery"}
-NEUTRAL_COURSE = [
-    "#Hyponatremia: Na nadir 129, felt to be hypovolemic; resolved with IV fluids and liberalized diet.",
-    "#Constipation: no BM for 3 days on admission, resolved with bowel regimen.",
-    "#Deconditioning: evaluated by PT and OT, who recommended short-term rehab for strength and gait training.",
-    "#Hyperlipidemia: continued atorvastatin.", "#Insomnia: melatonin at bedtime as needed.",
-    "#Nutrition: seen by Nutrition for poor oral intake; started oral supplements with meals.",
-    "#Pain: acetaminophen standing with oxycodone as needed for breakthrough pain.",
-    "#Skin: stage 1 sacral pressure injury noted on admission; wound care nursing consulted, offloading.",
-    "#Hypokalemia: repleted orally, K within normal limits at discharge.",
-    "#COPD: no wheeze, continued home inhalers.", "#Hypothyroidism: continued levothyroxine, TSH normal.",
-    "#Access: peripheral IV only, removed prior to discharge.", "#Gout: no flare, continued allopurinol.",
-    "#BPH: continued tamsulosin, voiding without difficulty after Foley removal.",
-    "#Code status: Full code (confirmed this admission).",
-    "#Transitional issues:\n- Repeat BMP at PCP follow-up\n- Follow up final blood cultures\n"
-    "- Reassess home PT needs\n- Medication reconciliation performed with pharmacy",
-]
-SOCIAL = ["Lives with spouse in a single-family home; retired teacher. Former smoker (30 pack-years, quit ___). "
-          "1-2 glasses of wine per week. No illicit drug use.",
-          "Lives alone in an apartment, independent in ADLs. Never smoker. Occasional alcohol. Daughter nearby.",
-          "Lives with son. Retired machinist. Quit smoking ___. Denies alcohol or drug use.", "___"]
-FAMILY = ["Noncontributory.", "Father with MI at 62. Mother with breast cancer.", "Mother with hypothyroidism.", "NC"]
-HEADERS = {
-    "cc": ["Chief Complaint:"], "proc": ["Major Surgical or Invasive Procedure:"],
-    "hpi": ["History of Present Illness:", "HPI:", "HISTORY OF PRESENT ILLNESS:"],
-    "pmh": ["Past Medical History:", "PMH:", "PAST MEDICAL HISTORY:"],
-    "social": ["Social History:", "SOCIAL HISTORY:", "Social Hx:"],
-    "family": ["Family History:", "FAMILY HISTORY:", "FHx:"],
-    "exam": ["Physical Exam:", "PHYSICAL EXAM ON ADMISSION:", "Admission Exam:"],
-    "results": ["Pertinent Results:", "LABS:", "Pertinent Results and Studies:"],
-    "course": ["Brief Hospital Course:", "HOSPITAL COURSE:", "Hospital Course by problem:"],
-    "meds_adm": ["Medications on Admission:", "Home Medications:"],
-    "meds_dc": ["Discharge Medications:", "DISCHARGE MEDICATIONS:"],
-    "dispo": ["Discharge Disposition:"],
-    "dx": ["Discharge Diagnosis:", "Discharge Diagnoses:", "DISCHARGE DIAGNOSES:"],
-    "condition": ["Discharge Condition:"], "instructions": ["Discharge Instructions:"],
-    "followup": ["Followup Instructions:"],
-}
-BLANK_TEXT = " \n\t \r\n  "
-STUDIES = [
-    "Chest radiograph (___): Lungs are clear. No pleural effusion or pneumothorax. Cardiomediastinal silhouette stable.",
-    "Bilateral lower extremity venous duplex (___): No evidence of deep venous thrombosis in either leg.",
-    "Renal ultrasound (___): No hydronephrosis. 1.2 cm simple cyst in the upper pole of the left kidney.",
-    "ECG (___): rate ___, normal axis, nonspecific ST-T wave changes, no acute ischemic changes.",
-    "Blood cultures x2 (___): no growth to date. Urine culture (___): <10,000 organisms/mL.",
-    "C. difficile PCR (___): negative. MRSA nasal screen: negative.",
-    "CT abdomen/pelvis with contrast (___): Sigmoid diverticulosis without diverticulitis. Small hiatal hernia.",
-]
-PROGRESS = [
-    "afebrile overnight; ambulated with PT twice; tolerating a regular diet.",
-    "vitals within goal; no acute events overnight; encouraged incentive spirometry.",
-    "slept well; pain controlled on acetaminophen; bowel movement x1.",
-    "seen by case management; rehab screening initiated, insurance authorization pending.",
-    "family meeting held to review the discharge plan and home services.",
-    "Foley removed, voiding spontaneously; PT recommends rolling walker.",
-    "IV antibiotics transitioned to oral; tolerating without nausea.",
-    "nutrition follow-up: intake improving, about 75% of meals.",
-]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -556,10 +355,10 @@ def _phrases(plan: NotePlan, rng: random.Random) -> dict[str, dict[str, str]]:
     ef_kind = None if ef is None else ("reduced" if min(_num(v) for v in ef.values) <= 40 else
                                       "preserved" if min(_num(v) for v in ef.values) >= 55 else None)
     for q in plan.pos:
-        spec = POSITIVE[q]
-        longs, shorts = (HF_BY_EF[ef_kind] if q == "heart_failure" and ef_kind else (spec["long"], spec["short"]))
+        spec = HF_BY_EF[ef_kind] if q == "heart_failure" and ef_kind else POSITIVE[q]
+        longs, shorts = spec["long"], spec["short"]
         i = _pick(plan, q, len(longs), rng)
-        out[q] = {"long": longs[i], "short": rng.choice(shorts), "course": rng.choice(spec.get("course", [""]))}
+        out[q] = {"long": longs[i], "short": rng.choice(shorts), "course": rng.choice(POSITIVE[q].get("course", [""]))}
     return out
 
 
@@ -641,7 +440,7 @@ def _mimic_lines(labs: dict[str, Lab], rng: random.Random) -> list[str]:
 
 def _table(labs: dict[str, Lab], rng: random.Random, tabs: bool = False) -> list[str]:
     """A small lab table over several days, pipe- or whitespace-separated."""
-    days = rng.choice([["___", "___", "___"], ["Adm", "HD3", "D/C"], ["HD1", "HD2", "HD4"]])
+    days = rng.choice(PHRASES["lab_table_days"])
     rows = []
     for q, item in labs.items():
         name = rng.choice(LAB_NAMES[q][:2])
@@ -683,7 +482,7 @@ def _results(plan: NotePlan, ctx: _Ctx) -> tuple[str, list[str]]:
     if plan.lab_style == "table" and labs:
         lines = _table(labs, rng, tabs=plan.odd)
     elif plan.lab_style == "mimic":
-        canonical = {q: l for q, l in labs.items() if l.unit == list(LAB_UNITS[q])[0]}
+        canonical = {q: l for q, l in labs.items() if l.unit == UNIT[q]}
         lines = _mimic_lines(canonical, rng)
         inline = [_inline(l, rng) for q, l in labs.items() if q not in canonical]
     else:
@@ -703,20 +502,18 @@ def _results(plan: NotePlan, ctx: _Ctx) -> tuple[str, list[str]]:
 def _hpi(plan: NotePlan, ctx: _Ctx) -> str:
     rng = ctx.rng
     who = rng.choice([f"{ctx.age} y/o", "___ y/o", f"{ctx.age} year old", "___ year old"])
-    sexword = {"F": ["woman", "female", "F"], "M": ["man", "male", "M"]}[ctx.sex]
     facts = [ctx.phrases[q]["short"] for q in plan.pos if q in CHRONIC or q == "af_ablation"]
     facts += ctx.neutral_pmh[:2]
     rng.shuffle(facts)
     hx = ", ".join(facts[:-1]) + " and " + facts[-1]
-    complaint = COMPLAINTS[plan.complaint][1]
-    text = f"{rng.choice(['Pt', 'Patient', '___'])} is a {who} {rng.choice(sexword)} " \
+    complaint = COMPLAINTS[plan.complaint]["hpi"]
+    text = f"{rng.choice(PHRASES['hpi_subject'])} is a {who} {rng.choice(SEX_WORDS[ctx.sex])} " \
            f"with h/o {hx} who presents with {complaint}."
     extra = []
     if "recent_serious_bleeding" in plan.pos and plan.complaint != "gib":
         extra.append(f"Of note: {ctx.phrases['recent_serious_bleeding']['long']}.")
     extra += _distractor(plan, "hpi", rng)
-    extra.append(rng.choice(["In the ED, initial vitals were stable.", "ED course notable for IV fluids.",
-                             "In the ED, VS T 99.1 HR 92 BP 138/76 RR 18 O2 95% RA."]))
+    extra.append(rng.choice(PHRASES["ed_course"]))
     return " ".join([text] + extra)
 
 
@@ -749,10 +546,10 @@ def _exam(plan: NotePlan, ctx: _Ctx) -> str:
 
 def _course(plan: NotePlan, ctx: _Ctx, inline: list[str]) -> str:
     rng = ctx.rng
-    who = rng.choice(["Pt", "___"])
-    dx = COMPLAINTS[plan.complaint][2]
+    who = rng.choice(PHRASES["course_subject"])
+    dx = COMPLAINTS[plan.complaint]["diagnosis"]
     paras = [f"{who} is a ___ y/o with the above history admitted with {dx[0].lower() + dx[1:]}.",
-             COMPLAINTS[plan.complaint][3]]
+             COMPLAINTS[plan.complaint]["course"]]
     for q in plan.pos:
         para = ctx.phrases[q]["course"] if q != COMPLAINT_FACT.get(plan.complaint) else ""
         if q == "atrial_fibrillation":
@@ -765,7 +562,7 @@ def _course(plan: NotePlan, ctx: _Ctx, inline: list[str]) -> str:
             paras.append(para)
     paras += _distractor(plan, "course", rng)
     if inline:
-        paras.append(rng.choice(["Labs: ", "Pertinent labs: ", "Of note, "]) + "; ".join(inline) + ".")
+        paras.append(rng.choice(PHRASES["lab_intro"]) + "; ".join(inline) + ".")
     neutral = _for_sex(NEUTRAL_COURSE, ctx.sex)
     paras += neutral if plan.form == "long" else rng.sample(neutral, rng.randint(0, 2))
     return "\n\n".join(paras)
@@ -791,20 +588,18 @@ def _dx(plan: NotePlan, ctx: _Ctx) -> str:
     if "recent_stroke" in plan.pos and plan.complaint != "stroke":
         secondary.append(ctx.phrases["recent_stroke"]["long"])
     rng.shuffle(secondary)
-    primary = COMPLAINTS[plan.complaint][2]
+    primary = COMPLAINTS[plan.complaint]["diagnosis"]
     if plan.complaint == "stroke":
         primary = ctx.phrases["recent_stroke"]["long"]
     return f"PRIMARY:\n{primary}\n\nSECONDARY:\n" + ("\n".join(secondary) if secondary else "none")
 
 
 def _condition(plan: NotePlan) -> str:
-    if "cannot_make_decisions" in plan.pos:
-        return "Mental Status: Confused - always.\nLevel of Consciousness: Alert and interactive.\nActivity Status: Out of Bed with assistance."
-    return "Mental Status: Clear and coherent.\nLevel of Consciousness: Alert and interactive.\nActivity Status: Ambulatory - Independent."
+    return CONDITION["confused" if "cannot_make_decisions" in plan.pos else "clear"]
 
 
 def _instructions(plan: NotePlan, ctx: _Ctx) -> str:
-    reason = COMPLAINTS[plan.complaint][2].lower()
+    reason = COMPLAINTS[plan.complaint]["diagnosis"].lower()
     parts = [f"Dear {'Mr.' if ctx.sex == 'M' else 'Ms.'} ___,", "It was a pleasure taking care of you at ___.",
              f"WHY WERE YOU ADMITTED?\n- You were admitted for {reason}.",
              "WHAT SHOULD YOU DO WHEN YOU GO HOME?\n- Take your medicines as prescribed.\n- Keep your follow-up appointments."]
@@ -822,8 +617,8 @@ def _instructions(plan: NotePlan, ctx: _Ctx) -> str:
 
 def _header(ctx: _Ctx, plan: NotePlan) -> str:
     sex = f"Sex:\u00a0\u00a0 {ctx.sex}" if plan.odd else f"Sex:   {ctx.sex}"
-    service = ctx.rng.choice(["MEDICINE", "MEDICINE", "CARDIOLOGY", "NEUROLOGY"])
-    allergies = ctx.rng.choice(["No Known Allergies / Adverse Drug Reactions", "Penicillins", "Sulfa (Sulfonamide Antibiotics)"])
+    service = ctx.rng.choice(PHRASES["services"])
+    allergies = ctx.rng.choice(PHRASES["allergies"])
     return (f"Name:  ___                     Unit No:   ___\n \nAdmission Date:  ___              Discharge Date:   ___\n \n"
             f"Date of Birth:  ___             {sex}\n \nService: {service}\n \nAllergies: \n{allergies}\n \nAttending: ___.")
 
@@ -837,12 +632,12 @@ def _sections(plan: NotePlan, ctx: _Ctx) -> list[tuple[str, str]]:
     exam = _exam(plan, ctx)
     if plan.form == "long":
         exam += "\n \nDISCHARGE EXAM:\n" + _exam(plan, ctx)
-    return [("", _header(ctx, plan)), ("cc", COMPLAINTS[plan.complaint][0]),
+    return [("", _header(ctx, plan)), ("cc", COMPLAINTS[plan.complaint]["chief"]),
             ("proc", "Left hip hemiarthroplasty" if plan.complaint == "hip" else "None"),
             ("hpi", _hpi(plan, ctx)), ("pmh", _pmh(plan, ctx)), ("social", social), ("family", family),
             ("exam", exam), ("results", results), ("course", _course(plan, ctx, inline)),
             ("meds_adm", _meds(plan, ctx, False)), ("meds_dc", _meds(plan, ctx, True)),
-            ("dispo", rng.choice(["Home", "Home With Service", "Extended Care"])), ("dx", _dx(plan, ctx)),
+            ("dispo", rng.choice(PHRASES["dispositions"])), ("dx", _dx(plan, ctx)),
             ("condition", _condition(plan)), ("instructions", _instructions(plan, ctx)), ("followup", "___")]
 
 
@@ -856,9 +651,9 @@ def _short(plan: NotePlan, ctx: _Ctx) -> str:
     facts = [ctx.phrases[q]["short"] for q in plan.pos]
     labs = [_inline(l, rng) for q, l in plan.labs.items() if q not in ("lvef_min", "chads2_max")]
     if not facts and not labs:
-        return rng.choice(["Discharged to rehab. Full summary to follow.", "Pt discharged home; see prior summary."])
+        return rng.choice(PHRASES["short_stubs"])
     first = f"{ctx.age}{ctx.sex} w/ {', '.join(facts)}." if facts else f"{ctx.age}{ctx.sex}, seen for follow-up."
-    second = (("Labs: " + ", ".join(labs) + ". ") if labs else "") + rng.choice(["D/c home.", "No med changes. D/c home."])
+    second = (("Labs: " + ", ".join(labs) + ". ") if labs else "") + rng.choice(PHRASES["short_endings"])
     return " ".join([first] + _distractor(plan, "course", rng) + _distractor(plan, "hpi", rng)) + "\n" + second
 
 
@@ -1142,7 +937,6 @@ def a_cross_note(rng, k):
 ARCHETYPES = (a_classic, a_elderly_lone_af, a_hfref_rollup, a_creatinine_umol, a_hemoglobin, a_platelets, a_ast,
               a_bilirubin, a_recent_bleed, a_recent_stroke, a_mitral_stenosis, a_dementia, a_reversible_af, a_no_af,
               a_needs_review, a_needs_review_short, a_lone_af_normal_ef, a_ablation, a_boundaries, a_cross_note)
-PSYCH_EXTRAS = ("depression", "bipolar_disorder", "schizophrenia", "peptic_ulcer")
 
 
 def _compatible(key: str, pos: list[str]) -> bool:
@@ -1342,7 +1136,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data", help="folder for sample_notes/gold/expected.parquet (default: data)")
     parser.add_argument("--patients", type=int, default=40)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--job", default=str(DEFAULT_JOB),
+                        help="job file whose questions, units and caps the gold follows (default: jobs/apixaban.yaml)")
     args = parser.parse_args(argv)
+    use_job(args.job)
     for name, path in write_sample(Path(args.out), args.patients, args.seed).items():
         print(f"{name}: {path}")
 

@@ -83,7 +83,7 @@ def test_notes_shape(notes, sample):
         assert len({r["charttime"] for r in mine}) == len(mine)
 
 
-def test_job_file_matches_the_generator_constants():
+def test_generator_questions_are_read_from_the_job():
     job = yaml.safe_load(JOB.read_text())
     questions = job["questions"]
     assert tuple(q["id"] for q in questions) == syn.QUESTION_IDS
@@ -91,12 +91,39 @@ def test_job_file_matches_the_generator_constants():
     for q in questions:
         if q["type"] == "numeric":
             assert {str(k): v for k, v in q["units"].items()} == syn.FACTORS[q["id"]]
-            assert q["unit"] == next(iter(syn.FACTORS[q["id"]]))
+            assert q["unit"] == syn.UNIT[q["id"]] == next(iter(syn.FACTORS[q["id"]]))
             assert q["rollup"] == syn.ROLLUP[q["id"]].__name__
         else:
-            assert q["absent"] == "no"
-    assert next(q for q in questions if q["id"] == "lvef_min")["cap"] == syn.LVEF_CAP
+            assert q["absent"] == "no"  # the generator's gold (and decide()) read an undocumented fact as no
+    assert syn.CAPS == {q["id"]: q["cap"] for q in questions if "cap" in q} == {"lvef_min": 55}
+    assert {u for units in syn.LAB_UNITS.values() for u in units} <= {u for f in syn.FACTORS.values() for u in f}
+
+
+def test_decide_keeps_its_own_criteria_in_step_with_the_job():
+    """decide()'s criteria are the generator's own on purpose (an independent expectation); they must match the job."""
+    job = yaml.safe_load(JOB.read_text())
     assert tuple((c["id"], c["kind"], c.get("unknown", "needs_review")) for c in job["criteria"]) == syn.CRITERIA
+
+
+def _job_variant(tmp_path, change) -> Path:
+    job = yaml.safe_load(JOB.read_text())
+    change(job, {q["id"]: q for q in job["questions"]})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def test_another_job_file_is_followed_or_refused(tmp_path):
+    try:
+        syn.use_job(_job_variant(tmp_path, lambda job, q: q["hemoglobin_min"]["units"].update({"g/L": 0.1001})))
+        assert syn.FACTORS["hemoglobin_min"]["g/L"] == 0.1001 and syn.LAB_UNITS["hemoglobin_min"]["g/L"][0] == 1 / 0.1001
+        with pytest.raises(ValueError, match="mmol/L"):  # a unit the phrase tables write that the job does not accept
+            syn.use_job(_job_variant(tmp_path, lambda job, q: q["hemoglobin_min"]["units"].pop("mmol/L")))
+        with pytest.raises(ValueError, match="peptic_ulcer is not a yes/no question of the job"):
+            syn.use_job(_job_variant(tmp_path, lambda job, q: job["questions"].remove(q["peptic_ulcer"])))
+    finally:
+        syn.use_job()
+    assert syn.FACTORS["hemoglobin_min"]["g/L"] == 0.1
 
 
 # --- gold --------------------------------------------------------------------------------------------
@@ -125,7 +152,7 @@ def test_numeric_gold_appears_in_the_note(gold, notes):
             value = answers[q]["value_num"]
             if value is None:
                 continue
-            if q == "lvef_min" and value == syn.LVEF_CAP:  # capped: some EF >= 55 is written
+            if q == "lvef_min" and value == syn.CAPS["lvef_min"]:  # capped: some EF >= 55 is written
                 efs = [float(x) for x in re.findall(r"\bL?V?EF:? ?[>≥]?(\d+)", text)]
                 assert efs and min(efs) >= 55, (note_id, q)
             else:
