@@ -31,6 +31,12 @@ class Plan:
     def question_ids(self) -> list[str]:
         return [q.id for q in self.questions]
 
+    @property
+    def verifies_model_answers(self) -> bool:
+        """Model answers are checked against their notes (engine.stages.verify), except the null backend's: its
+        "not in note" for every pair measures the pipeline, it is no model's answer."""
+        return self.job.model.backend != "null" and self.job.extraction.mode != "lexical"
+
 
 def make_plan(job: JobSpec) -> Plan:
     planned = [

@@ -35,6 +35,7 @@ CANDIDATE_COLUMNS = {
     "cue_output": pa.string(),
     "model_text": pa.string(),
     "cue_hint": pa.string(),
+    "counted_mentions": pa.string(),  # spans of the mentions that count for the patient ("12-14;40-59"), for verify
 }
 WINDOW_SEPARATOR = "\n[...]\n"
 NO_CUES_ERROR = "no cues for this question in the job, so the cues alone cannot answer it; add cues: to it or use extraction mode hybrid"
@@ -58,13 +59,15 @@ class Assessment:
     output: str | None = None
     model_text: str | None = None
     hint: str | None = None
+    counted: str | None = None
 
 
 def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     """Append CANDIDATE_COLUMNS to an expanded (note x question) batch."""
     require_columns(batch, "candidates", REQUIRED_COLUMNS)
     n = batch.num_rows
-    if plan.job.extraction.mode == "model" or n == 0:
+    model_mode = plan.job.extraction.mode == "model"
+    if n == 0 or (model_mode and not plan.verifies_model_answers):
         return _every_pair_to_the_model(batch)
     failed = batch["note_error"].is_valid().to_pylist() if "note_error" in batch.column_names else [False] * n
     texts = batch["text"].combine_chunks()
@@ -80,8 +83,15 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
         if live:
             assessed = assess_note(notes[note] or "", [plan.by_id[questions[r]] for r in live], plan)
             for row, verdict in zip(live, assessed):
-                verdicts[row] = verdict
+                verdicts[row] = _to_the_model(verdict) if model_mode else verdict
     return _append(batch, verdicts)
+
+
+def _to_the_model(verdict: Assessment) -> Assessment:
+    """Extraction mode model: every pair to the model, shown the note and the question alone; the cue reading stays
+    (cue answer, flags, mentions that count) for verify to check the model's answer against."""
+    verdict.route, verdict.hint, verdict.model_text = "model", None, None
+    return verdict
 
 
 _NO_SENTENCE = Context(frozenset(), 0, 0, None)  # quote_around then keeps to the line
@@ -106,6 +116,7 @@ def _append(batch: pa.Table, verdicts: list[Assessment]) -> pa.Table:
         "route": [v.route for v in verdicts], "candidates": [v.candidates for v in verdicts],
         "cue_flags": [v.flags for v in verdicts], "cue_output": [v.output for v in verdicts],
         "model_text": [v.model_text for v in verdicts], "cue_hint": [v.hint for v in verdicts],
+        "counted_mentions": [v.counted for v in verdicts],
     }
     for name, dtype in CANDIDATE_COLUMNS.items():
         batch = batch.append_column(name, pa.array(values[name], dtype))
@@ -140,7 +151,8 @@ def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: 
     flags = ",".join(sorted({f for m in mentions for f in m.context.flags})) or None
     if not mentions:
         return Assessment("no_candidate", 0, None, output)
-    verdict = Assessment("lexical", len(mentions), flags, output)
+    counted = ";".join(f"{m.match.start}-{m.match.end}" for m in mentions if m.counts) or None
+    verdict = Assessment("lexical", len(mentions), flags, output, counted=counted)
     if extraction.mode == "lexical" or (extraction.ask_model == "unresolved" and resolved):
         return verdict
     verdict.route = "model"

@@ -27,6 +27,11 @@ and `verification` (why it failed). In hybrid mode a failed model answer gives w
 same (note, question) (`model` becomes `cues`, `verified` stays false and the reason ends with "the cue answer
 stands"); in model mode it is kept, and the roll-up does not let it decide a criterion
 (engine.cohort.rollup: `<question>__unverified`).
+
+The context of each cue mention comes from the candidate stage (`counted_mentions`: the spans of the mentions
+that count for the patient), which reads it in the CPU read tasks in every mode but the null backend's, so the
+model actor adds only regular expressions and comparisons per checked row. The null backend's constant answers
+are not checked: they measure the pipeline and are no model's answers.
 """
 
 from __future__ import annotations
@@ -154,10 +159,10 @@ def _folded_prompt(question: str, hint: str) -> str:
     return fold(f"{SYSTEM_PROMPT}\n{question}{hint}")[0]
 
 
-def check_answer(row: dict, text: str, question: PlannedQuestion, context_of=None) -> str | None:
+def check_answer(row: dict, text: str, question: PlannedQuestion, counts=None) -> str | None:
     """None when a model's answered row holds up against its note, else the failure category with details.
-    `context_of(start, end)` gives a cue mention's Context (engine.stages.context); without it a "yes" is not checked
-    against the context of the mention it quotes."""
+    `counts(start, end)` says whether the cue mention at that span counts for the patient (its context is not one
+    the question ignores); without it the context checks of yes/no answers are left out."""
     quote = row["evidence"]
     spec = question.spec
     said = _said(row, spec.type)
@@ -165,7 +170,7 @@ def check_answer(row: dict, text: str, question: PlannedQuestion, context_of=Non
         if spec.type == "yes_no" and row["value_bool"] is False and spec.absent == "no":
             # "no" with nothing quoted claims no more than "not in note", which is "no" here, unless it passes over
             # a mention that counts
-            passed_over = _counted_outside(text, 0, 0, question, context_of)
+            passed_over = _counted_outside(text, 0, 0, question, counts)
             return f"{PASSED_OVER} (model: no, unaddressed: {passed_over!r})" if passed_over else None
         return f"{NO_QUOTE} (model: {said})"
     detail = f"(model: {said}, quote: {quote[:60]!r})"
@@ -180,78 +185,71 @@ def check_answer(row: dict, text: str, question: PlannedQuestion, context_of=Non
         start, end = _header_start(text, start), _line_end(text, end)
     if not mentions_in(text, start, end, question):
         return f"{NO_MENTION} {detail}"
-    if spec.type == "yes_no" and row["value_bool"] and context_of is not None:
-        flags = _ignored_flags(text, start, end, question, context_of)
-        if flags:
-            return f"{CONTEXT} {detail[:-1]}, context: {flags})"
+    if spec.type == "yes_no" and row["value_bool"] and not _a_quoted_mention_counts(text, start, end, question, counts):
+        return f"{CONTEXT} {detail[:-1]}, ignored: {', '.join(spec.cues.ignore)})"
     if spec.type == "yes_no" and row["value_bool"] is False:
-        passed_over = _counted_outside(text, start, end, question, context_of)
+        passed_over = _counted_outside(text, start, end, question, counts)
         if passed_over:
             return f"{PASSED_OVER} {detail[:-1]}, unaddressed: {passed_over!r})"
     return None
 
 
-def _counted_outside(text: str, start: int, end: int, question: PlannedQuestion, context_of) -> str:
-    """A mention that counts for the patient (its context not one the question ignores) outside text[start:end], as
-    written, or ''. A "no" that passes over one has not addressed the evidence for "yes"."""
-    cues = question.spec.cues
-    if context_of is None or cues is None:
+def _counted_outside(text: str, start: int, end: int, question: PlannedQuestion, counts) -> str:
+    """A mention that counts for the patient outside text[start:end], as written, or ''. A "no" that passes over
+    one has not addressed the evidence for "yes"."""
+    if counts is None or question.spec.cues is None:
         return ""
-    ignore = set(cues.ignore)
     for m in find_mentions(text, question.spec):
-        if (m.end <= start or m.start >= end) and not (context_of(m.start, m.end).flags & ignore):
+        if (m.end <= start or m.start >= end) and counts(m.start, m.end):
             return text[m.start:m.end]
     return ""
 
 
-def _ignored_flags(text: str, start: int, end: int, question: PlannedQuestion, context_of) -> str:
-    """'' when a cue mention in text[start:end] counts for the patient, else the context flags that rule them out."""
-    cues = question.spec.cues
-    if cues is None or not cues.ignore:
-        return ""
-    ignore = set(cues.ignore)
+def _a_quoted_mention_counts(text: str, start: int, end: int, question: PlannedQuestion, counts) -> bool:
+    """Whether a cue mention in text[start:end] counts for the patient (True when that cannot be told)."""
+    if counts is None or question.spec.cues is None or not question.spec.cues.ignore:
+        return True
     found = [m for m in find_mentions(text, question.spec) if m.start < end and start < m.end]
-    flags = [context_of(m.start, m.end).flags & ignore for m in found]
-    if not found or any(not f for f in flags):
-        return ""
-    return ", ".join(sorted(set().union(*flags)))
+    return not found or any(counts(m.start, m.end) for m in found)
 
 
-class NoteContexts:
-    """The context of every cue mention of a note, from one medspaCy pass per note (as the candidate stage does),
-    computed the first time a row of that note needs one."""
-
-    def __init__(self, plan: Plan):
-        self.plan = plan
-        self.notes: dict[str, dict[tuple[int, int], object]] = {}
-
-    def of(self, text: str):
-        """context_of(start, end) for the mentions of this note."""
-        key = text
-        if key not in self.notes:
-            extraction = self.plan.job.extraction
-            spans = sorted({(m.start, m.end) for q in self.plan.questions for m in find_mentions(text, q.spec)})
-            found = contexts(text, spans, tuple(extraction.context_rules), extraction.sentences)
-            self.notes[key] = dict(zip(spans, found))
-        by_span = self.notes[key]
-        return lambda start, end: by_span[(start, end)]
+def counted_mention_spans(text: str, question: PlannedQuestion, plan: Plan) -> list[tuple[int, int]]:
+    """The spans of the question's cue mentions that count for the patient, from one medspaCy pass (what the
+    candidate stage hands on in `counted_mentions`; computed here for batches that lack it)."""
+    if question.spec.cues is None:
+        return []
+    ignore = set(question.spec.cues.ignore)
+    spans = [(m.start, m.end) for m in find_mentions(text, question.spec)]
+    extraction = plan.job.extraction
+    found = contexts(text, spans, tuple(extraction.context_rules), extraction.sentences) if spans else []
+    return [span for span, context in zip(spans, found) if not (context.flags & ignore)]
 
 
-def check_row(row: dict, text: str, plan: Plan, note_contexts: "NoteContexts", cue_output: str | None = None) -> str | None:
-    """The check of one model row (answered or not in note) against its note; None when it holds up."""
+def counts_from(spans) -> object:
+    """counts(start, end) over the spans of the mentions that count: a list of pairs, or the candidate stage's
+    `counted_mentions` text ("12-14;40-59", '' or None for none)."""
+    if isinstance(spans, str) or spans is None:
+        spans = [tuple(int(x) for x in item.split("-")) for item in (spans or "").split(";") if item]
+    counted = set(map(tuple, spans))
+    return lambda start, end: (start, end) in counted
+
+
+def check_row(row: dict, text: str, plan: Plan, counted_mentions: str | None, cue_output: str | None = None) -> str | None:
+    """The check of one model row (answered or not in note) against its note; None when it holds up.
+    `counted_mentions`: the spans of the cue mentions that count for the patient (see counts_from)."""
     question = plan.by_id[row["question_id"]]
-    context_of = note_contexts.of(text) if question.spec.type == "yes_no" else None
+    counts = counts_from(counted_mentions) if question.spec.type == "yes_no" else None
     if row["status"] == "not_in_note":
         cue_answer = parse_one(plan, question.id, None, "stop", cue_output) if cue_output else None
-        return check_not_in_note(text, question, context_of, cue_answer)
-    return check_answer(row, text, question, context_of)
+        return check_not_in_note(text, question, counts, cue_answer)
+    return check_answer(row, text, question, counts)
 
 
-def check_not_in_note(text: str, question: PlannedQuestion, context_of=None, cue_answer: dict | None = None) -> str | None:
+def check_not_in_note(text: str, question: PlannedQuestion, counts=None, cue_answer: dict | None = None) -> str | None:
     """None when a model's "not in note" holds up, else why not: a yes/no question's note holds a mention that counts
     for the patient, or the cues read a value for a numeric question (`cue_answer`, hybrid mode)."""
     if question.spec.type == "yes_no":
-        passed_over = _counted_outside(text, 0, 0, question, context_of)
+        passed_over = _counted_outside(text, 0, 0, question, counts)
         return f"{NOT_IN_NOTE_CONTRADICTED} (model: not_in_note, unaddressed: {passed_over!r})" if passed_over else None
     if cue_answer and cue_answer.get("status") == "answered" and cue_answer.get("value_num") is not None:
         unit = f" {cue_answer['unit']}" if cue_answer.get("unit") else ""
@@ -276,20 +274,26 @@ def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
     require_columns(batch, "verify", REQUIRED_COLUMNS)
     n = batch.num_rows
     verified, reasons = [None] * n, [None] * n
+    if not plan.verifies_model_answers or n == 0:  # the null backend's constant answers (benchmarks): no model
+        return _with_verification(batch, verified, reasons)
     claims = pc.is_in(batch["status"], value_set=pa.array(CHECKED_STATUSES))
     answered = pc.fill_null(pc.and_(claims, pc.equal(batch["route"], "model")), False)
-    rows = pc.indices_nonzero(answered).to_pylist() if n else []
+    rows = pc.indices_nonzero(answered).to_pylist()
     replaced: dict[int, dict] = {}
     if rows:
         picked = batch.select(CHECKED).take(pa.array(rows)).to_pylist()
         text_of = text_lookup(batch["text"].combine_chunks())
-        note_contexts = NoteContexts(plan)
         cue_outputs = batch["cue_output"].combine_chunks() if "cue_output" in batch.column_names else None
+        handed_on = batch["counted_mentions"].combine_chunks() if "counted_mentions" in batch.column_names else None
         hybrid = plan.job.extraction.mode == "hybrid"
         for row, values in zip(rows, picked):
             text = text_of(row) or ""
             cue = cue_outputs[row].as_py() if cue_outputs is not None else None
-            reason = check_row(values, text, plan, note_contexts, cue)
+            if handed_on is not None:
+                counted = handed_on[row].as_py()
+            else:  # a batch that did not pass the candidate stage (tests, tools): one ConText pass here
+                counted = counted_mention_spans(text, plan.by_id[values["question_id"]], plan)
+            reason = check_row(values, text, plan, counted, cue)
             verified[row] = reason is None
             reasons[row] = reason
             if reason is not None and hybrid and cue is not None:
@@ -297,8 +301,12 @@ def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
                 reasons[row] = f"{reason}; {CUE_ANSWER_STANDS}"
     if replaced:
         batch = _replace(batch, replaced)
-    batch = batch.append_column("verified", pa.array(verified, pa.bool_()))
-    return batch.append_column("verification", pa.array(reasons, pa.string()))
+    return _with_verification(batch, verified, reasons)
+
+
+def _with_verification(batch: pa.Table, verified: list, reasons: list) -> pa.Table:
+    batch = batch.append_column("verified", pa.array(verified, VERIFY_COLUMNS["verified"]))
+    return batch.append_column("verification", pa.array(reasons, VERIFY_COLUMNS["verification"]))
 
 
 def _cue_answer(plan: Plan, question_id: str, cue_output: str, text: str) -> dict:

@@ -14,7 +14,7 @@ from engine.plan import make_plan
 from engine.stages.answer import answer_rows
 from engine.stages.ground import locate
 from engine.stages.verify import (CONTEXT, NO_MENTION, NOT_IN_NOTE_CONTRADICTED, PASSED_OVER, NO_QUOTE, NOT_GROUNDED, PROMPT_QUOTE, VALUE_NOT_IN_QUOTE,
-                                  NoteContexts, check_answer, quote_numbers, value_in_quote)
+                                  check_answer, counted_mention_spans, counts_from, quote_numbers, value_in_quote)
 
 JOB = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
 PLAN = make_plan(JOB)
@@ -191,6 +191,30 @@ def test_a_not_in_note_against_a_value_the_cues_read_gives_way_in_hybrid_mode():
 
 
 # --- a "yes" must quote a mention that counts for the patient in its context ---------------------------------------
+def counts_in(note: str, question: str):
+    """counts(start, end) for a question's mentions in a note, from medspaCy's reading of their context."""
+    return counts_from(counted_mention_spans(note, Q[question], PLAN))
+
+
+def test_the_candidate_stage_hands_on_the_mentions_that_count():
+    """In the pipeline the counted spans come from the candidate stage's one ConText pass, in every mode but the
+    null backend's; they are the spans verify would compute itself."""
+    from engine.stages.candidates import find_candidates
+    from engine.stages.expand import expand_questions
+
+    notes = pa.table({"note_id": ["n1"], "text": [NOTE]})
+    for mode in ("model", "hybrid"):
+        rows = find_candidates(expand_questions(notes, PLAN.question_ids), plan_in(mode)).to_pylist()
+        for row in rows:
+            assert counts_from(row["counted_mentions"]).__closure__ is not None
+            expected = counted_mention_spans(NOTE, Q[row["question_id"]], PLAN)
+            handed_on = [tuple(int(x) for x in s.split("-")) for s in (row["counted_mentions"] or "").split(";") if s]
+            assert handed_on == expected, row["question_id"]
+            assert mode == "hybrid" or row["route"] == "model"
+    null = JOB.model_copy(update={"model": JOB.model.model_copy(update={"backend": "null"}),
+                                  "extraction": JOB.extraction.model_copy(update={"mode": "model"})})
+    rows = find_candidates(expand_questions(notes, PLAN.question_ids), make_plan(null))
+    assert rows["counted_mentions"].null_count == rows.num_rows  # the benchmark backend skips the cue work
 @pytest.mark.parametrize("question, quote, expected", [
     ("atrial_fibrillation", "paroxysmal atrial fibrillation on apixaban", None),
     ("prior_stroke_tia", "denies prior stroke", CONTEXT),         # negated: quoted, but it says the opposite
@@ -198,15 +222,14 @@ def test_a_not_in_note_against_a_value_the_cues_read_gives_way_in_hybrid_mode():
     ("hypertension", "HTN", None),
 ])
 def test_a_yes_is_checked_against_the_context_of_the_mention_it_quotes(question, quote, expected):
-    contexts = NoteContexts(PLAN).of(NOTE)
     row = model_row(question, quote, value_bool=True)
-    assert category(check_answer(row, NOTE, Q[question], contexts)) == expected
+    assert category(check_answer(row, NOTE, Q[question], counts_in(NOTE, question))) == expected
 
 
 def test_a_no_is_not_held_to_the_context_of_its_quote():
     """A "no" quoting a negated mention is what a "no" should quote."""
     row = model_row("prior_stroke_tia", "denies prior stroke", value_bool=False)
-    assert check_answer(row, NOTE, Q["prior_stroke_tia"], NoteContexts(PLAN).of(NOTE)) is None
+    assert check_answer(row, NOTE, Q["prior_stroke_tia"], counts_in(NOTE, "prior_stroke_tia")) is None
 
 
 def test_the_chain_checks_the_context_of_a_yes():
@@ -226,7 +249,7 @@ def test_the_chain_checks_the_context_of_a_yes():
 ])
 def test_a_no_must_not_pass_over_a_mention_that_counts(question, quote, expected):
     row = model_row(question, quote, value_bool=False)
-    assert category(check_answer(row, NOTE, Q[question], NoteContexts(PLAN).of(NOTE))) == expected
+    assert category(check_answer(row, NOTE, Q[question], counts_in(NOTE, question))) == expected
 
 
 def test_a_no_passing_over_an_affirmed_mention_names_it():
@@ -234,5 +257,5 @@ def test_a_no_passing_over_an_affirmed_mention_names_it():
     quote = "Denies AF today"
     row = {**model_row("atrial_fibrillation", None, value_bool=False), "evidence": quote,
            **dict(zip(("evidence_start", "evidence_end", "grounding"), locate(quote, note)))}
-    reason = check_answer(row, note, Q["atrial_fibrillation"], NoteContexts(PLAN).of(note))
+    reason = check_answer(row, note, Q["atrial_fibrillation"], counts_in(note, "atrial_fibrillation"))
     assert category(reason) == PASSED_OVER and "paroxysmal atrial fibrillation" in reason
