@@ -3,15 +3,20 @@
 It shows the run's figures from report.json, the cohort funnel, each criterion's met / not met / unknown
 counts, each question's answers (and a histogram of its numbers), evidence grounding and, when `engine eval`
 has run, the evaluation with its confidence intervals. No note text or evidence quote is put in the page.
-Rendering is a pure function of tables and dicts (`render_report`); `write_report_html` reads and writes.
+
+The functions here turn tables and dicts into plain dicts and lists (counts, rows, chart geometry); the Jinja2
+template templates/report.html.j2 lays them out, with templates/report.css inlined, and escapes every value
+(autoescape). Rendering is a pure function of tables and dicts (`render_report`); `write_report_html` reads and
+writes.
 """
 
 from __future__ import annotations
 
-import html
+import functools
 import math
 import re
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +25,7 @@ from engine.errors import OutputError
 from engine.job import JobSpec
 
 REPORT_HTML = "report.html"
+TEMPLATE = "report.html.j2"
 PLOT_WIDTH = 460  # px of the bar area; labels sit left of it, counts right of it
 ROW_HEIGHT = 24
 BAR_HEIGHT = 15
@@ -37,30 +43,24 @@ STATUS_LABELS = {"eligible": "eligible", "needs_review": "needs review", "exclud
 GROUNDING_COLOURS = {"exact": "#009E73", "fuzzy": "#E69F00", "not_found": "#D55E00"}
 GROUNDING_LABELS = {"exact": "quote found verbatim", "fuzzy": "found approximately", "not_found": "not found in the note"}
 EVAL_HEADLINE = {"yes_no": "balanced_accuracy", "numeric": "accuracy", "criterion": "agreement"}
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#222;margin:0;background:#fafafa}
-main{max-width:1040px;margin:0 auto;padding:24px 32px 48px;background:#fff}
-h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:14px;margin:0 0 2px}p.note{color:#555;font-size:13px;margin:4px 0 10px;max-width:860px}
-.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:10px;margin:12px 0}
-.figure{border:1px solid #e2e2e2;border-radius:6px;padding:8px 10px}.figure b{display:block;font-size:20px}
-.figure span{color:#555;font-size:12px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border-bottom:1px solid #e6e6e6;padding:3px 8px;text-align:left}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-.legend{font-size:12px;margin:4px 0 6px}.legend span{margin-right:14px;white-space:nowrap}
-.legend i{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:-1px;border-radius:2px}
-.small-multiples{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px}
-svg text{font-size:12px;fill:#222}svg .axis text{fill:#555;font-size:11px}svg .axis line,svg .axis path{stroke:#999}
-svg .grid{stroke:#eee}
-"""
+EVAL_COLUMNS = (("question / criterion", ""), ("type", ""), ("n", "num"), ("metric", ""), ("value", "num"),
+                ("95% CI", "num"), ("errors", "num"))
 
 
-# --- small SVG helpers -----------------------------------------------------------------------------------------
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
+# --- the template ----------------------------------------------------------------------------------------------
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The templates shipped in engine/reporting/templates, every value escaped (autoescape), a misspelt name an
+    error (StrictUndefined). Filters: `px` (a coordinate, one decimal) and `number` (a count or value as shown)."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("engine.reporting", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters["px"] = lambda value: f"{value:.1f}"
+    env.filters["number"] = _number
+    return env
 
 
+# --- numbers and names -----------------------------------------------------------------------------------------
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", str(text).lower()).strip("-") or "x"
 
@@ -79,18 +79,18 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.3g}"
 
 
-def _svg_open(chart_id: str, css_class: str, width: float, height: float, label: str) -> str:
-    return (f'<svg id="{_e(chart_id)}" class="{css_class}" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(label)}">')
+def _percent(value) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
 
 
-def legend(labels: dict[str, str], colours: dict[str, str]) -> str:
-    items = "".join(f'<span><i style="background:{colours[k]}"></i>{_e(v)}</span>' for k, v in labels.items())
-    return f'<div class="legend">{items}</div>'
+# --- chart geometry (the template's svg macros draw these) -----------------------------------------------------
+def legend(labels: dict[str, str], colours: dict[str, str]) -> list[dict]:
+    """One swatch per key: [{label, colour}]."""
+    return [{"label": label, "colour": colours[key]} for key, label in labels.items()]
 
 
 def stacked_bars(chart_id: str, rows: list[dict], colours: dict[str, str], names: dict[str, str], axis_label: str,
-                 bar_class: str, scale_max: float | None = None) -> str:
+                 bar_class: str, scale_max: float | None = None) -> dict:
     """Horizontal stacked bars: rows [{id, label, segments: {key: count}, note}], one <g id="{chart_id}-{id}"> each.
 
     Every segment is a <rect class="{bar_class} {bar_class}-{key}"> (zero-width when empty), so each row holds
@@ -103,42 +103,42 @@ def stacked_bars(chart_id: str, rows: list[dict], colours: dict[str, str], names
     largest = scale_max or max([sum(r["segments"].values()) for r in rows] + [1])
     ticks = nice_ticks(largest)
     x = lambda v: label_width + v / ticks[-1] * PLOT_WIDTH
-    parts = [_svg_open(chart_id, "chart", width, height, axis_label)]
     axis_y = top + ROW_HEIGHT * len(rows)
-    parts += [f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top}" y2="{axis_y}"/>' for t in ticks]
+    chart_rows = []
     for i, row in enumerate(rows):
         y = top + i * ROW_HEIGHT + (ROW_HEIGHT - BAR_HEIGHT) / 2
-        parts.append(f'<g id="{_e(chart_id)}-{_slug(row["id"])}" class="row">')
-        parts.append(f'<text x="{label_width - 8}" y="{y + BAR_HEIGHT - 3:.1f}" text-anchor="end">{_e(row["label"])}</text>')
-        start = 0.0
+        bars, start = [], 0.0
         for key, value in row["segments"].items():
-            tip = f'{row["label"]}: {names.get(key, key)} {_number(value)}'
-            parts.append(f'<rect class="{bar_class} {bar_class}-{_slug(key)}" x="{x(start):.1f}" y="{y:.1f}" '
-                         f'width="{x(start + value) - x(start):.1f}" height="{BAR_HEIGHT}" fill="{colours[key]}">'
-                         f'<title>{_e(tip)}</title></rect>')
+            bars.append({"css": f"{bar_class} {bar_class}-{_slug(key)}", "x": x(start), "y": y,
+                         "width": x(start + value) - x(start), "height": BAR_HEIGHT, "fill": colours[key],
+                         "tip": f'{row["label"]}: {names.get(key, key)} {_number(value)}'})
             start += value
-        parts.append(f'<text x="{x(start) + 6:.1f}" y="{y + BAR_HEIGHT - 3:.1f}" class="count">{_e(row.get("note", ""))}</text></g>')
-    parts.append(_x_axis(ticks, x, axis_y, axis_label, label_width + PLOT_WIDTH / 2))
-    parts.append("</svg>")
-    return "".join(parts)
+        chart_rows.append({"id": f"{chart_id}-{_slug(row['id'])}", "label": row["label"], "label_x": label_width - 8,
+                           "text_y": y + BAR_HEIGHT - 3, "bars": bars, "note_x": x(start) + 6, "note": row.get("note", "")})
+    return {"id": chart_id, "width": width, "height": height, "label": axis_label,
+            "grid": _grid(ticks, x, top, axis_y), "rows": chart_rows,
+            "axis": _x_axis(ticks, x, axis_y, axis_label, label_width + PLOT_WIDTH / 2)}
 
 
-def _x_axis(ticks: list[float], x, y: float, label: str, centre: float) -> str:
-    marks = "".join(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{y}" y2="{y + 4}"/>'
-                    f'<text x="{x(t):.1f}" y="{y + 16}" text-anchor="middle">{_number(t)}</text>' for t in ticks)
-    return (f'<g class="axis"><line x1="{x(ticks[0]):.1f}" x2="{x(ticks[-1]):.1f}" y1="{y}" y2="{y}"/>{marks}'
-            f'<text x="{centre:.1f}" y="{y + 32}" text-anchor="middle">{_e(label)}</text></g>')
+def _grid(ticks: list[float], x, top: float, bottom: float) -> dict:
+    return {"xs": [x(t) for t in ticks], "y1": top, "y2": bottom}
 
 
-def histogram(chart_id: str, values: np.ndarray, unit: str, title: str, weights: np.ndarray | None = None) -> str:
+def _x_axis(ticks: list[float], x, y: float, label: str, centre: float) -> dict:
+    return {"x1": x(ticks[0]), "x2": x(ticks[-1]), "y": y, "ticks": [{"x": x(t), "text": _number(t)} for t in ticks],
+            "label": label, "centre": centre}
+
+
+def histogram(chart_id: str, values: np.ndarray, unit: str, title: str, weights: np.ndarray | None = None) -> dict:
     """A histogram of one question's numbers: x the value (in `unit`), y the number of notes (each value counted
-    `weights` times: the rows that gave it)."""
+    `weights` times: the rows that gave it). `bins` is empty when there is no finite number."""
     width, height, left, right, top, bottom = 300, 170, 40, 12, 8, 40
     weights = np.ones(values.size) if weights is None else weights
     finite = np.isfinite(values)
     values, weights = values[finite], weights[finite]
+    chart = {"id": chart_id, "width": width, "height": height, "title": title, "unit": unit, "bins": []}
     if values.size == 0:
-        return f'<svg id="{_e(chart_id)}" class="histogram" width="{width}" height="40"><text x="0" y="20">no numbers answered</text></svg>'
+        return chart
     low, high = float(values.min()), float(values.max())
     if low == high:
         low, high = low - 0.5, high + 0.5
@@ -147,46 +147,37 @@ def histogram(chart_id: str, values: np.ndarray, unit: str, title: str, weights:
     plot_w, plot_h = width - left - right, height - top - bottom
     x = lambda v: left + (v - low) / (high - low) * plot_w
     y = lambda c: top + plot_h - c / y_ticks[-1] * plot_h
-    parts = [_svg_open(chart_id, "histogram", width, height, title)]
-    for count, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
-        tip = f"{_number(a)}-{_number(b)} {unit}: {int(count)} notes"
-        parts.append(f'<rect class="histogram-bin" x="{x(a) + 0.5:.1f}" y="{y(count):.1f}" width="{max(x(b) - x(a) - 1, 0.5):.1f}" '
-                     f'height="{y(0) - y(count):.1f}" fill="{ANSWER_COLOURS["value"]}"><title>{_e(tip)}</title></rect>')
-    parts.append(f'<g class="axis"><line x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}"/>'
-                 f'<line x1="{left}" x2="{left}" y1="{top}" y2="{y(0):.1f}"/>')
-    for value, anchor in ((low, "start"), ((low + high) / 2, "middle"), (high, "end")):
-        parts.append(f'<text x="{x(value):.1f}" y="{y(0) + 14:.1f}" text-anchor="{anchor}">{_e(_number(value))}</text>')
-    parts += [f'<text x="{left - 4}" y="{y(t) + 4:.1f}" text-anchor="end">{_number(t)}</text>' for t in y_ticks]
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">value ({_e(unit)})</text>'
-                 f'<text transform="translate(11 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">notes</text></g></svg>')
-    return "".join(parts)
+    chart["bins"] = [{"x": x(a) + 0.5, "y": y(count), "width": max(x(b) - x(a) - 1, 0.5), "height": y(0) - y(count),
+                      "tip": f"{_number(a)}-{_number(b)} {unit}: {int(count)} notes"}
+                     for count, a, b in zip(counts, edges[:-1], edges[1:], strict=True)]
+    chart["fill"] = ANSWER_COLOURS["value"]
+    chart["axis"] = {"left": left, "right": width - right, "top": top, "base": y(0),
+                     "x_ticks": [{"x": x(v), "text": _number(v), "anchor": anchor}
+                                 for v, anchor in ((low, "start"), ((low + high) / 2, "middle"), (high, "end"))],
+                     "y_ticks": [{"y": y(t), "text": _number(t)} for t in y_ticks],
+                     "centre": left + plot_w / 2, "middle": top + plot_h / 2}
+    return chart
 
 
-def interval_plot(chart_id: str, rows: list[dict]) -> str:
-    """Dot and whisker per item on a 0-1 scale: rows [{id, label, value, low, high}]."""
+def interval_plot(chart_id: str, rows: list[dict]) -> dict:
+    """Dot and whisker per item on a 0-1 scale: rows [{id, label, value, low, high}] (NaN: undefined, no mark)."""
     label_width = int(max([len(r["label"]) for r in rows] + [8]) * CHAR_WIDTH) + 12
     top, width, height = 8, label_width + PLOT_WIDTH + 20, 8 + ROW_HEIGHT * len(rows) + 40
     x = lambda v: label_width + v * PLOT_WIDTH
     ticks = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    parts = [_svg_open(chart_id, "chart", width, height, "metric with 95% confidence interval")]
     axis_y = top + ROW_HEIGHT * len(rows)
-    parts += [f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top}" y2="{axis_y}"/>' for t in ticks]
+    plot_rows = []
     for i, r in enumerate(rows):
         cy = top + i * ROW_HEIGHT + ROW_HEIGHT / 2
-        parts.append(f'<g id="{_e(chart_id)}-{_slug(r["id"])}" class="row"><text x="{label_width - 8}" y="{cy + 4:.1f}" '
-                     f'text-anchor="end">{_e(r["label"])}</text>')
-        if not math.isnan(r["low"]):
-            parts.append(f'<line class="eval-ci" x1="{x(r["low"]):.1f}" x2="{x(r["high"]):.1f}" y1="{cy:.1f}" y2="{cy:.1f}" '
-                         'stroke="#555" stroke-width="2"/>')
-        if math.isnan(r["value"]):
-            parts.append(f'<text x="{x(0) + 6:.1f}" y="{cy + 4:.1f}" style="fill:#777">undefined (see definitions)</text>')
-        else:
-            parts.append(f'<circle class="eval-point" cx="{x(r["value"]):.1f}" cy="{cy:.1f}" r="4.5" fill="#0072B2">'
-                         f'<title>{_e(r["label"])}: {r["value"]:.3f}</title></circle>')
-        parts.append("</g>")
-    parts.append(_x_axis(ticks, x, axis_y, "metric value (dot) and 95% confidence interval (line)", label_width + PLOT_WIDTH / 2))
-    parts.append("</svg>")
-    return "".join(parts)
+        plot_rows.append({"id": f"{chart_id}-{_slug(r['id'])}", "label": r["label"], "label_x": label_width - 8, "cy": cy,
+                          "interval": None if math.isnan(r["low"]) else {"x1": x(r["low"]), "x2": x(r["high"])},
+                          "point": None if math.isnan(r["value"]) else
+                          {"x": x(r["value"]), "tip": f'{r["label"]}: {r["value"]:.3f}'},
+                          "undefined_x": x(0) + 6})
+    return {"id": chart_id, "width": width, "height": height, "label": "metric with 95% confidence interval",
+            "grid": _grid(ticks, x, top, axis_y), "rows": plot_rows,
+            "axis": _x_axis(ticks, x, axis_y, "metric value (dot) and 95% confidence interval (line)",
+                            label_width + PLOT_WIDTH / 2)}
 
 
 # --- data to rows ----------------------------------------------------------------------------------------------
@@ -267,16 +258,8 @@ def funnel_rows(funnel: list[dict]) -> list[dict]:
     return rows
 
 
-# --- sections --------------------------------------------------------------------------------------------------
-def _section(title: str, section_id: str, note: str, body: str) -> str:
-    return f'<section id="{section_id}"><h2>{_e(title)}</h2><p class="note">{_e(note)}</p>{body}</section>'
-
-
-def _percent(value) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
-
-
-def figures_section(report: dict) -> str:
+# --- sections: what each section of the template shows (None: the section is left out) ------------------------
+def figures_section(report: dict) -> dict:
     by_status = report.get("rows_by_status", {})
     cost = report.get("cost_per_10k_patients_usd")
     figures = [
@@ -291,110 +274,86 @@ def figures_section(report: dict) -> str:
         ("seconds per (note, question)", report.get("seconds_per_pair") or "-"),
         ("cost per 10k patients", "-" if cost is None else f"${cost:,.2f}"),
     ]
-    cards = "".join(f'<div class="figure"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v in figures)
     notes = []
     if report.get("hardware"):
         notes.append(f"Hardware: {report['hardware']} at ${report.get('usd_per_hour')}/h.")
     if report.get("cost_method"):
         notes.append(f"Cost: {report['cost_method']}.")
-    errors = report.get("top_errors") or []
-    table = ""
-    if errors:
-        body = "".join(f'<tr><td>{_e(e["error"])}</td><td class="num">{e["rows"]}</td></tr>' for e in errors)
-        table = f'<h3>Most frequent error reasons</h3><table id="top-errors"><tr><th>reason</th><th class="num">rows</th></tr>{body}</table>'
-    body = f'<div class="figures">{cards}</div>' + "".join(f'<p class="note">{_e(n)}</p>' for n in notes) + table
-    return _section("Run figures", "figures", "Measured by this run (report.json); every (note, question) pair is one answer row.", body)
+    return {"cards": _cards(figures), "notes": notes,
+            "errors": [{"reason": e["error"], "rows": e["rows"]} for e in report.get("top_errors") or []]}
 
 
-def cohort_sections(report: dict | None, patients: pa.Table | None, funnel: list[dict], job: JobSpec | None) -> str:
+def _cards(figures: list[tuple[str, object]]) -> list[dict]:
+    return [{"value": value, "label": label} for label, value in figures]
+
+
+def cohort_sections(report: dict | None, patients: pa.Table | None, funnel: list[dict], job: JobSpec | None) -> dict:
+    """{status, funnel, criteria}: each a {legend, chart} or None."""
     status = {}
     if patients is not None and "status" in patients.column_names:
         status = {r["values"]: r["counts"] for r in pc.value_counts(patients["status"]).to_pylist()}
     elif report:
         status = report.get("cohort", {}).get("status", {})
-    parts = []
+    sections = {"status": None, "funnel": None, "criteria": None}
     if status:
         segments = {k: int(status.get(k, 0)) for k in STATUS_COLOURS}
         row = {"id": "patients", "label": "patients", "segments": segments,
                "note": ", ".join(f"{STATUS_LABELS[k]} {v}" for k, v in segments.items())}
-        parts.append(_section("Cohort decision", "cohort", "Each patient's status after all criteria.",
-                              legend(STATUS_LABELS, STATUS_COLOURS) + stacked_bars("status", [row], STATUS_COLOURS, STATUS_LABELS,
-                                                                                    "patients", "status-bar")))
+        sections["status"] = {"legend": legend(STATUS_LABELS, STATUS_COLOURS),
+                              "chart": stacked_bars("status", [row], STATUS_COLOURS, STATUS_LABELS, "patients", "status-bar")}
     if funnel:
         total = max([step["entering"] for step in funnel] + [1])
-        parts.append(_section(
-            "Cohort funnel", "funnel-section",
-            "Criteria in job order. Each bar is the patients still in the running when the criterion is applied: "
-            "blue stay in, red are excluded by it. Patients whose criterion is unknown with 'needs_review' stay in.",
-            legend(FUNNEL_LABELS, FUNNEL_COLOURS) + stacked_bars("funnel", funnel_rows(funnel), FUNNEL_COLOURS, FUNNEL_LABELS,
-                                                                 "patients", "funnel-bar", scale_max=total)))
+        sections["funnel"] = {"legend": legend(FUNNEL_LABELS, FUNNEL_COLOURS),
+                              "chart": stacked_bars("funnel", funnel_rows(funnel), FUNNEL_COLOURS, FUNNEL_LABELS, "patients",
+                                                    "funnel-bar", scale_max=total)}
     if patients is not None and (job and job.criteria or funnel):
         rows = criterion_rows(patients, job, funnel)
-        parts.append(_section(
-            "Criteria: met, not met, unknown", "criteria-section",
-            "Every patient judged on every criterion separately (not only those left in the funnel). Unknown: an "
-            "answer the rule needs was not in the notes.",
-            legend(CRITERION_LABELS, CRITERION_COLOURS) + stacked_bars("criteria", rows, CRITERION_COLOURS, CRITERION_LABELS,
-                                                                       "patients", "criterion-bar")))
-    return "".join(parts)
+        sections["criteria"] = {"legend": legend(CRITERION_LABELS, CRITERION_COLOURS),
+                                "chart": stacked_bars("criteria", rows, CRITERION_COLOURS, CRITERION_LABELS, "patients",
+                                                      "criterion-bar")}
+    return sections
 
 
-def answer_sections(answers, job: JobSpec | None) -> str:
+def answer_sections(answers, job: JobSpec | None) -> dict:
+    """{answers: {legend, chart}, numbers: [{question, caption, chart}] (one histogram panel per numeric question)}."""
     rows = answer_rows(answers, job)
-    parts = [_section("Answers per question", "answers-section",
-                      "One bar per question over all notes: yes/no answers, numbers given, 'not in note' and error rows.",
-                      legend(ANSWER_LABELS, ANSWER_COLOURS) + stacked_bars("answers", rows, ANSWER_COLOURS, ANSWER_LABELS,
-                                                                           "notes", "answer-bar"))]
     panels = []
     for qid, values, weights, unit, dropped in numeric_values(answers, job):
         extra = f"; {dropped} in a unit the question does not accept" if dropped else ""
-        caption = f"{int(weights.sum())} numbers{extra}"
-        panels.append(f'<div class="panel"><h3>{_e(qid)}</h3><p class="note">{_e(caption)}</p>'
-                      f'{histogram(f"histogram-{_slug(qid)}", values, unit, qid, weights)}</div>')
-    if panels:
-        parts.append(_section("Numbers answered", "numbers-section",
-                              "Histogram of each numeric question's answers, converted to the question's canonical unit "
-                              "(cap applied), one count per note.", f'<div class="small-multiples">{"".join(panels)}</div>'))
-    return "".join(parts)
+        panels.append({"question": qid, "caption": f"{int(weights.sum())} numbers{extra}",
+                       "chart": histogram(f"histogram-{_slug(qid)}", values, unit, qid, weights)})
+    return {"answers": {"legend": legend(ANSWER_LABELS, ANSWER_COLOURS),
+                        "chart": stacked_bars("answers", rows, ANSWER_COLOURS, ANSWER_LABELS, "notes", "answer-bar")},
+            "numbers": panels}
 
 
-def grounding_section(report: dict | None, answers) -> str:
+def grounding_section(report: dict | None, answers) -> dict | None:
     from engine.store.answers import answer_totals
 
     counts = dict((report or {}).get("grounding") or {})
     if report is None and answers is not None and "grounding" in answers.schema.names:  # a report already counted them
         counts = answer_totals(answers)["grounding"]
     if not counts:
-        return ""
+        return None
     rows = [{"id": k, "label": GROUNDING_LABELS.get(k, k), "segments": {k: int(counts.get(k, 0))}, "note": str(counts.get(k, 0))}
             for k in GROUNDING_COLOURS]
-    return _section("Evidence grounding", "grounding-section",
-                    "Where each answer's evidence quote was found in its note (answers without a quote are not counted).",
-                    stacked_bars("grounding", rows, GROUNDING_COLOURS, GROUNDING_LABELS, "answers", "grounding-bar"))
+    return {"chart": stacked_bars("grounding", rows, GROUNDING_COLOURS, GROUNDING_LABELS, "answers", "grounding-bar")}
 
 
-def verification_section(report: dict | None) -> str:
+def verification_section(report: dict | None) -> dict | None:
     """Model answers checked against their notes (report.json `verification`): passed, failed by reason, and what
     became of the failures (the cue answer kept in hybrid mode; patients held for review in model mode)."""
     checked = (report or {}).get("verification") or {}
     if not checked.get("model_answers_checked"):
-        return ""
+        return None
     figures = [("model answers checked", checked["model_answers_checked"]), ("passed", checked.get("passed", 0)),
                ("failed", checked.get("failed", 0)), ("failed, cue answer kept", checked.get("cue_answer_kept", 0)),
                ("patients held for review", checked.get("patients_held", 0))]
-    cards = "".join(f'<div class="figure"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v in figures)
-    reasons = checked.get("failed_by_reason") or {}
-    table = ""
-    if reasons:
-        body = "".join(f'<tr><td>{_e(k)}</td><td class="num">{v}</td></tr>' for k, v in reasons.items())
-        table = f'<table id="verification-failures"><tr><th>why it failed</th><th class="num">answers</th></tr>{body}</table>'
-    return _section("Model answers verified", "verification-section",
-                    "Every model answer is checked against its note before it may decide anything: its quote must be "
-                    "in the note, hold the value (numbers) and name what the question asks about.",
-                    f'<div class="figures">{cards}</div>{table}')
+    return {"cards": _cards(figures),
+            "failures": [{"reason": k, "answers": v} for k, v in (checked.get("failed_by_reason") or {}).items()]}
 
 
-def evaluation_section(evaluation: pa.Table, summary: dict) -> str:
+def evaluation_section(evaluation: pa.Table, summary: dict) -> dict:
     from engine.reporting.evaluate import DEFINITIONS, METRIC_NAMES, fmt, fmt_interval
 
     records = evaluation.to_pylist()
@@ -405,52 +364,41 @@ def evaluation_section(evaluation: pa.Table, summary: dict) -> str:
     if summary.get("generated"):
         lines.append(f"Evaluated {summary['generated']}; {summary.get('draws')} bootstrap draws over notes "
                      f"(patients for criteria), seed {summary.get('seed')}.")
-    body = "".join(f'<p class="note">{_e(line)}</p>' for line in lines if line)
-    body += interval_plot("eval-plot", plot_rows) if plot_rows else ""
-    header = "".join(f'<th class="{c}">{_e(h)}</th>' for h, c in (("question / criterion", ""), ("type", ""), ("n", "num"),
-                     ("metric", ""), ("value", "num"), ("95% CI", "num"), ("errors", "num")))
-    cells = "".join(
-        f'<tr><td>{_e("overall" if r["scope"] == "overall" else r["id"])}</td><td>{_e(r["kind"])}</td><td class="num">{r["n"]}</td>'
-        f'<td>{_e(METRIC_NAMES.get(r["metric"], r["metric"]))}</td><td class="num">{fmt(r["value"])}</td>'
-        f'<td class="num">{fmt_interval(r["ci_low"], r["ci_high"])}</td><td class="num">{"" if r["errors"] is None else r["errors"]}</td></tr>'
-        for r in records)
-    body += f'<table id="eval-table"><tr>{header}</tr>{cells}</table>'
-    body += "<ul>" + "".join(f'<li class="note"><b>{_e(METRIC_NAMES.get(k, k.replace("_", " ")))}</b>: {_e(v)}</li>'
-                             for k, v in DEFINITIONS.items()) + "</ul>"
-    return _section("Evaluation against gold labels", "eval-section",
-                    "From engine eval (eval.parquet): per question balanced accuracy (yes/no) or accuracy (numeric), and "
-                    "criterion agreement after rules; the plot shows each one's headline metric.", body)
+    rows = [{"item": "overall" if r["scope"] == "overall" else r["id"], "kind": r["kind"], "n": r["n"],
+             "metric": METRIC_NAMES.get(r["metric"], r["metric"]), "value": fmt(r["value"]),
+             "interval": fmt_interval(r["ci_low"], r["ci_high"]), "errors": "" if r["errors"] is None else r["errors"]}
+            for r in records]
+    return {"lines": [line for line in lines if line], "plot": interval_plot("eval-plot", plot_rows) if plot_rows else None,
+            "columns": [{"name": name, "css": css} for name, css in EVAL_COLUMNS], "rows": rows,
+            "definitions": [{"name": METRIC_NAMES.get(k, k.replace("_", " ")), "text": v} for k, v in DEFINITIONS.items()]}
 
 
 # --- the page --------------------------------------------------------------------------------------------------
+def report_context(report: dict | None = None, answers=None, patients: pa.Table | None = None,
+                   evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None) -> dict:
+    """Everything the template shows, as plain dicts and lists (the arguments are render_report's)."""
+    from engine.store.answers import row_count
+
+    funnel = _funnel(report, patients, job)
+    subtitle = [x for x in (
+        f"model {report.get('model')} ({report.get('backend')})" if report else "",
+        f"job fingerprint {report.get('job_fingerprint')}" if report else "",
+        f"generated {report.get('generated')}" if report else "") if x]
+    answered = answer_sections(answers, job) if row_count(answers) else {"answers": None, "numbers": []}
+    return {"name": (report or {}).get("job") or (job.name if job else "engine run"), "subtitle": subtitle,
+            "figures": figures_section(report) if report else None,
+            **cohort_sections(report, patients, funnel, job), **answered,
+            "grounding": grounding_section(report, answers), "verification": verification_section(report),
+            "evaluation": evaluation_section(*evaluation) if evaluation is not None else None}
+
+
 def render_report(report: dict | None = None, answers=None, patients: pa.Table | None = None,
                   evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None) -> str:
     """The whole page as one string; every argument may be missing (its sections are left out).
 
     `answers` is a table or the committed files (a pyarrow dataset); only aggregates of it are read.
     """
-    from engine.store.answers import row_count
-
-    funnel = _funnel(report, patients, job)
-    name = (report or {}).get("job") or (job.name if job else "engine run")
-    subtitle = " · ".join(_e(x) for x in (
-        f"model {report.get('model')} ({report.get('backend')})" if report else "",
-        f"job fingerprint {report.get('job_fingerprint')}" if report else "",
-        f"generated {report.get('generated')}" if report else "") if x)
-    sections = [figures_section(report) if report else "", cohort_sections(report, patients, funnel, job)]
-    if row_count(answers):
-        sections.append(answer_sections(answers, job))
-    sections.append(grounding_section(report, answers))
-    sections.append(verification_section(report))
-    if evaluation is not None:
-        sections.append(evaluation_section(*evaluation))
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
-            f"<title>engine report: {_e(name)}</title><style>{CSS}</style></head><body><main>"
-            f'<h1>engine report: {_e(name)}</h1><p class="note">{subtitle}</p>'
-            '<p class="note">Screening of clinical notes with single-order questions and trial rules. Bars show counts; '
-            "hover a bar for its exact number. No note text or evidence quote is included in this page.</p>"
-            f'{"".join(sections)}<p class="note">Written by engine from report.json, answers/, patients/ and eval.parquet '
-            "in this folder.</p></main></body></html>\n")
+    return environment().get_template(TEMPLATE).render(report_context(report, answers, patients, evaluation, job))
 
 
 def _funnel(report: dict | None, patients: pa.Table | None, job: JobSpec | None) -> list[dict]:
@@ -471,7 +419,7 @@ def write_report_html(store, job: JobSpec | None = None, *, report: dict | None 
     from engine.reporting.evaluate import read_evaluation
 
     source = source or store
-    report = report if report is not None else source._read_json("report.json")
+    report = report if report is not None else source.read_json("report.json")
     if answers is None:
         from engine.store.answers import answers_dataset
 
@@ -496,4 +444,3 @@ def _read_patients(store) -> pa.Table | None:
         return None
     with store.fs.open(path, "rb") as handle:
         return pq.read_table(handle)
-

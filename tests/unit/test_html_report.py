@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections import Counter
 from html.parser import HTMLParser
 
@@ -157,6 +156,33 @@ def test_text_is_escaped(job):
               "cohort": {"status": {}, "funnel": []}, "grounding": {"exact": 1}}
     page = render_report(report, job=job)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_markup_in_any_value_is_escaped(job):
+    """Question ids, criterion names, error and verification reasons and evaluation text reach the page as text
+    (the template's autoescape), in text and in attributes, never as markup."""
+    nasty = '"><script>alert(1)</script>'
+    answers = gold_answers(job, notes=4)
+    ids = answers["question_id"]
+    answers = answers.set_column(answers.schema.get_field_index("question_id"), "question_id",
+                                 pc.if_else(pc.equal(ids, "creatinine_max"), f"creatinine{nasty}", ids))
+    funnel = [{"criterion": f"inc{nasty}", "kind": "inclusion", "entering": 4, "excluded": 1, "remaining": 3}]
+    report = {"job": f"job{nasty}", "model": f"m{nasty}", "rows_by_status": {}, "grounding": {"exact": 1},
+              "top_errors": [{"error": f"reason{nasty}", "rows": 2}], "cohort": {"status": {"eligible": 3}, "funnel": funnel},
+              "verification": {"model_answers_checked": 3, "failed": 1, "failed_by_reason": {f"quote{nasty}": 1}}}
+    evaluation = pa.table({"scope": ["question", "overall"], "id": [f"q{nasty}", "yes_no"], "kind": ["yes_no", "yes_no"],
+                           "metric": ["balanced_accuracy", "mean_balanced_accuracy"], "n": [4, 4], "value": [0.5, 0.5],
+                           "ci_low": [0.25, 0.25], "ci_high": [0.75, 0.75], "errors": [0, None]})
+    page = render_report(report, answers, evaluation=(evaluation, {"matching": f"matched{nasty}", "overall": ""}))
+    marks = Marks(page)
+    assert "<script" not in page and nasty not in page
+    assert [tag for tag, _ in marks.tags].count("script") == 0
+    text = "".join(marks.text)
+    for shown in (f"job{nasty}", f"m{nasty}", f"creatinine{nasty}", f"inc{nasty} (inclusion)", f"reason{nasty}",
+                  f"quote{nasty}", f"q{nasty}", f"matched{nasty}"):
+        assert shown in text, shown  # the parser decodes the escapes back to the value
+    assert all(set(attrs.get("id", "")) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-") for _, attrs in marks.tags)
+    assert marks.by_id("histogram-creatinine-script-alert-1-script") is not None
 
 
 def test_the_funnel_follows_the_patient_table_after_a_rule_change(job, run_folder):
