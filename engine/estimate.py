@@ -17,7 +17,7 @@ import yaml
 
 from engine.job import JobSpec
 from engine.plan import make_plan
-from engine.stages.prompt import render_messages
+from engine.prompt import render_messages
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 DEFAULT_ANSWER_TOKENS = 20.0

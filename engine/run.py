@@ -101,8 +101,8 @@ class AnswerBatches(GenerateAnswers):
     (engine.store.commit) hears of them before the batch returns, and commits the staged shards as they complete.
     """
 
-    def __init__(self, job: dict, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int]):
-        super().__init__(job)
+    def __init__(self, job_json: str, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int]):
+        super().__init__(job_json)
         self.schema, self.fingerprint, self.ledger, self.expected = schema, fingerprint, ledger, expected
         self.store = OutputStore(self.plan.job.output.uri, self.plan.job.output.storage_options)
 
@@ -147,7 +147,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
         .repartition(target_num_rows_per_block=batching.notes_per_batch * n_questions)
         .map_batches(
             AnswerBatches,
-            fn_constructor_kwargs={"job": job.model_dump(mode="json"), "schema": schema, "fingerprint": job.fingerprint(),
+            fn_constructor_kwargs={"job_json": job_json, "schema": schema, "fingerprint": job.fingerprint(),
                                    "ledger": ledger, "expected": expected},
             compute=ray.data.ActorPoolStrategy(size=batching.actors),
             batch_size=batching.notes_per_batch * n_questions,

@@ -14,7 +14,7 @@ from engine.backends.base import Backend, Generation, Request
 from engine.errors import BackendError
 from engine.models import resolve_model
 from engine.plan import Plan, PlannedQuestion
-from engine.stages.prompt import render_messages
+from engine.prompt import render_messages
 
 log = logging.getLogger(__name__)
 

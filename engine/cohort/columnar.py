@@ -38,14 +38,12 @@ class _Irregular(Exception):
     """The answers are not in the engine's note-major layout; the SQL roll-up handles them."""
 
 
-def columnar_rollup(answers, job: JobSpec, schema: pa.Schema) -> pa.Table | None:
+def columnar_rollup(answers, job: JobSpec, schema: pa.Schema, needed: list[str]) -> pa.Table | None:
     """The patient table of `answers` (a table or the committed files) for `job`, typed as `schema`; None when
-    the answers are not in the engine's layout."""
-    from engine.cohort.rollup import ROLLUP_COLUMNS
-
+    the answers are not in the engine's layout. `needed`: the answer columns roll-up reads (ROLLUP_COLUMNS)."""
     names = answers.schema.names
     optional = ["charttime", "verified", "model"] + ([] if job.review.require_grounded_evidence else ["grounding"])
-    wanted = [*ROLLUP_COLUMNS, "grounding", "verified", "model", "row_number", *job.input.structured]
+    wanted = [*needed, "grounding", "verified", "model", "row_number", *job.input.structured]
     if any(name not in names for name in wanted if name not in optional):
         return None
     columns = [name for name in wanted if name in names]

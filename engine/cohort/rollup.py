@@ -95,7 +95,7 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
 
     _question_table(job)  # refuses a roll-up the question type cannot have
     if all(name in answers.schema.names for name in job.input.structured):
-        table = columnar_rollup(answers, job, _schema_for(answers, job))
+        table = columnar_rollup(answers, job, _schema_for(answers, job), list(ROLLUP_COLUMNS))
         if table is not None:  # the engine's own layout: segment maxima, same result (engine.cohort.columnar)
             return table
     return rollup_sql(answers, job)

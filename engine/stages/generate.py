@@ -71,8 +71,8 @@ class GenerateAnswers:
     the candidate stage answered (`route` lexical or no_candidate): their `cue_output` is their output. A lexical
     run never starts a model."""
 
-    def __init__(self, job: dict):
-        self.plan = make_plan(JobSpec.model_validate(job))
+    def __init__(self, job_json: str):
+        self.plan = make_plan(JobSpec.model_validate_json(job_json))
         self.backend = None if self.plan.job.extraction.mode == "lexical" else load_backend(self.plan)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

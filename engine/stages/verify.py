@@ -49,7 +49,7 @@ from engine.plan import Plan, PlannedQuestion
 from engine.stages.generate import CUE_MODEL_NAME
 from engine.stages.ground import fold, locate, text_lookup
 from engine.stages.parse import parse_one
-from engine.stages.prompt import SYSTEM_PROMPT, unit_hint
+from engine.prompt import SYSTEM_PROMPT, unit_hint
 from engine.cohort.units import conversion_factor
 from engine.stages import require_columns
 

@@ -41,7 +41,7 @@ def lexical_answers(job: JobSpec, limit: int | None = None) -> pa.Table:
     plan = make_plan(job)
     inputs = plan_input(job.input, job.batching.notes_per_shard, limit)
     schema = answer_schema(job, inputs.schema)
-    generate = GenerateAnswers(job.model_dump(mode="json"))
+    generate = GenerateAnswers(job.model_dump_json())
     tables = []
     for shard in inputs.shards:
         rows = find_candidates(expand_questions(read_shards(job.input, [shard], inputs.schema), plan.question_ids), plan)

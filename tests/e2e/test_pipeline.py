@@ -126,12 +126,12 @@ def test_the_engines_answers_take_the_columnar_rollup(e2e_run):
     """The committed answers (bad rows, truncated notes, duplicates included) are in the note-major layout that
     engine.cohort.columnar needs, and its patient table is the SQL roll-up's."""
     from engine.store.answers import answers_dataset
-    from engine.cohort.rollup import _schema_for, rollup_sql
+    from engine.cohort.rollup import ROLLUP_COLUMNS, _schema_for, rollup_sql
     from engine.cohort.columnar import columnar_rollup
 
     job, _, _, output = e2e_run
     answers = answers_dataset(str(output))
-    fast = columnar_rollup(answers, job, _schema_for(answers, job))
+    fast = columnar_rollup(answers, job, _schema_for(answers, job), list(ROLLUP_COLUMNS))
     assert fast is not None and fast.num_rows > 0
     assert fast.to_pylist() == rollup_sql(answers, job).to_pylist()
 

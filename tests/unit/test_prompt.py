@@ -1,4 +1,4 @@
-"""engine.stages.prompt: the note comes first so a note's questions share one cached prefix."""
+"""engine.prompt: the note comes first so a note's questions share one cached prefix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engine.job import load_job
 from engine.plan import make_plan
-from engine.stages.prompt import NOTE_HEADER, QUESTION_HEADER, SYSTEM_PROMPT, render_messages
+from engine.prompt import NOTE_HEADER, QUESTION_HEADER, SYSTEM_PROMPT, render_messages
 
 PLAN = make_plan(load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml"))
 NOTE = "Discharge summary.\r\nHx: atrial fibrillation, Cr 1.4 mg/dL \u2265 baseline, QUESTION: not a real one.\n\n\u00b5 \U0001F600"

@@ -64,7 +64,7 @@ def note_major(notes: list[dict]) -> pa.Table:
 def test_columnar_rollup_equals_the_sql_rollup(notes, grounded, fuzzy, verified):
     job = job_for(grounded, fuzzy, verified)
     table = note_major(notes)
-    fast = columnar_rollup(table, job, _schema_for(table, job))
+    fast = columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS))
     assert fast is not None, "a note-major table must take the columnar path"
     assert fast.to_pylist() == rollup_sql(table, job).to_pylist()
     assert fast.schema == rollup_sql(table, job).schema
@@ -80,7 +80,7 @@ def test_committed_files_take_the_columnar_path_and_match_sql(tmp_path):
     pq.write_table(table.slice(0, 5 * len(QUESTIONS)), tmp_path / "answers" / "a.parquet")
     pq.write_table(table.slice(5 * len(QUESTIONS)), tmp_path / "answers" / "b.parquet")
     dataset, job = answers_dataset(str(tmp_path)), job_for(True, False)
-    fast = columnar_rollup(dataset, job, _schema_for(dataset, job))
+    fast = columnar_rollup(dataset, job, _schema_for(dataset, job), list(ROLLUP_COLUMNS))
     assert fast is not None
     assert fast.to_pylist() == rollup_sql(table, job).to_pylist() == rollup_answers(dataset, job).to_pylist()
     assert fast.num_rows == 3 and fast["n_notes"].to_pylist() == [4, 4, 4]
@@ -109,5 +109,5 @@ def _base() -> pa.Table:
 def test_other_layouts_fall_back_to_sql(break_layout):
     job = job_for(False, False)
     table = break_layout(_base())
-    assert columnar_rollup(table, job, _schema_for(table, job)) is None
+    assert columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS)) is None
     assert rollup_answers(table, job).to_pylist() == rollup_sql(table, job).to_pylist()

@@ -15,7 +15,7 @@ from test_verify import JOB, generated_batch, RIGHT_CREATININE
 PLAN = make_plan(JOB.model_copy(update={"extraction": JOB.extraction.model_copy(update={"mode": "lexical"})}))
 CALLS = {
     "candidates": lambda batch: candidates.find_candidates(batch, PLAN),
-    "generate": lambda batch: generate.GenerateAnswers(PLAN.job.model_dump(mode="json"))(batch),
+    "generate": lambda batch: generate.GenerateAnswers(PLAN.job.model_dump_json())(batch),
     "parse": lambda batch: parse.parse_answers(batch, PLAN),
     "ground": ground.ground_evidence,
     "verify": lambda batch: verify.verify_answers(batch, PLAN),
