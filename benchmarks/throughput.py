@@ -74,7 +74,7 @@ def run_plain_processor(job, notes: int, source: str = "parquet") -> dict:
     from engine.backends.vllm import CPU_BLOCK_SIZE, cpu_dtype
     from engine.models import resolve_model
     from engine.plan import make_plan
-    from engine.stages.prompt import render_messages
+    from engine.prompt import render_messages
 
     plan = make_plan(job)
     schemas = {q.id: q.json_schema for q in plan.questions}

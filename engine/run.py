@@ -165,6 +165,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     from engine.store.answers import answers_dataset
     from engine.reporting.html import write_report_html
     from engine.reporting.report import build_report
+    from engine.store.answers import answer_totals
     from engine.cohort.rules import screen
     from engine.runtime import ensure_ray
 
@@ -190,9 +191,10 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     answers = answers_dataset(store.uri, store.storage_options)  # read in place, column by column, by DuckDB
     patients, funnel = screen(answers, job)
     store.write_patients(patients)
-    report = build_report(job, answers, patients, funnel, stats, store)
+    totals = answer_totals(answers, patients)  # one scan of answers/ for the report's counts and the page's
+    report = build_report(job, answers, patients, funnel, stats, store, totals)
     store.write_json("report.json", report)
-    write_report_html(store, job, report=report, answers=answers, patients=patients)
+    write_report_html(store, job, report=report, answers=answers, patients=patients, numbers=totals["numbers"])
     return report, stats
 
 

@@ -63,11 +63,14 @@ def _read_parts(answers, columns: list[str], job: JobSpec) -> list[dict]:
         return [_note_matrix(answers.select(columns), job, factors)]
     fragments = list(answers.get_fragments())
 
+    eager = [c for c in columns if c != "model"]  # `model` matters only beside a failed verification: read then
+
     def read(fragment) -> dict:  # ParquetFile: about half the time of a dataset fragment's scan for a small file
         with fragment.filesystem.open_input_file(fragment.path) as source:
             file = pq.ParquetFile(source, read_dictionary=[c for c in DICTIONARY_COLUMNS if c in columns])
-            table = file.read(columns=columns, use_threads=False)
-        return _note_matrix(table, job, factors)
+            table = file.read(columns=eager, use_threads=False)
+            load_model = (lambda: file.read(columns=["model"], use_threads=False)["model"]) if "model" in columns else None
+            return _note_matrix(table, job, factors, load_model)
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # pyarrow and numpy release the GIL
         return list(pool.map(read, fragments))
@@ -102,7 +105,7 @@ def _micros(column) -> np.ndarray:
     return pc.fill_null(array.view(pa.int64()), NEVER).to_numpy()
 
 
-def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
+def _note_matrix(table: pa.Table, job: JobSpec, factors: dict, load_model=None) -> dict:
     """One file's answers as per-note arrays and (notes x questions) matrices; _Irregular if the layout fails."""
     questions = job.questions
     q = len(questions)
@@ -137,8 +140,9 @@ def _note_matrix(table: pa.Table, job: JobSpec, factors: dict) -> dict:
     verified = np.ones((n, q), dtype=bool)
     if job.review.require_verified_answers and "verified" in table.column_names:
         failed = pc.fill_null(pc.invert(table["verified"]), False).to_numpy(zero_copy_only=False).reshape(n, q)
-        if "model" in table.column_names:
-            mcodes, models = _codes(table["model"])
+        model = table["model"] if "model" in table.column_names else None
+        if failed.any() and (model is not None or load_model is not None):
+            mcodes, models = _codes(model if model is not None else load_model())
             failed &= ~_flags(mcodes, models, lambda v: v == CUE_MODEL_NAME).reshape(n, q)
         verified = ~failed
 

@@ -181,11 +181,12 @@ def interval_plot(chart_id: str, rows: list[dict]) -> dict:
 
 
 # --- data to rows ----------------------------------------------------------------------------------------------
-def answer_rows(answers, job: JobSpec | None) -> list[dict]:
-    """One bar per question from the per-(question, category) counts (SQL over a table or the committed files)."""
+def answer_rows(answers, job: JobSpec | None, by_question: dict | None = None) -> list[dict]:
+    """One bar per question from the per-(question, category) counts: report.json's `answers_by_question` when
+    given, else counted here (SQL over a table or the committed files)."""
     from engine.store.answers import answer_categories
 
-    by_question = answer_categories(answers)
+    by_question = by_question if by_question is not None else answer_categories(answers)
     order = [q.id for q in job.questions if q.id in by_question] if job else []
     order += sorted(set(by_question) - set(order))
     rows = []
@@ -198,12 +199,13 @@ def answer_rows(answers, job: JobSpec | None) -> list[dict]:
     return rows
 
 
-def numeric_values(answers, job: JobSpec | None) -> list[tuple[str, np.ndarray, np.ndarray, str, int]]:
+def numeric_values(answers, job: JobSpec | None, numbers: pa.Table | None = None) -> list[tuple[str, np.ndarray, np.ndarray, str, int]]:
     """(question id, distinct numbers in the canonical unit, their row counts, unit, numbers left out for an
-    unaccepted unit) per numeric question, from the distinct answered numbers (never the whole table)."""
+    unaccepted unit) per numeric question, from the distinct answered numbers (never the whole table): `numbers`
+    when the run already counted them (engine.store.answers.answer_totals), else counted here."""
     from engine.store.answers import answered_numbers
 
-    numbered = answered_numbers(answers)
+    numbered = numbers if numbers is not None else answered_numbers(answers)
     questions = [q for q in job.questions if q.type == "numeric"] if job else []
     ids = [q.id for q in questions] or sorted(set(numbered["question_id"].to_pylist()))
     result = []
@@ -314,11 +316,12 @@ def cohort_sections(report: dict | None, patients: pa.Table | None, funnel: list
     return sections
 
 
-def answer_sections(answers, job: JobSpec | None) -> dict:
-    """{answers: {legend, chart}, numbers: [{question, caption, chart}] (one histogram panel per numeric question)}."""
-    rows = answer_rows(answers, job)
+def answer_sections(answers, job: JobSpec | None, by_question: dict | None = None, numbers: pa.Table | None = None) -> dict:
+    """{answers: {legend, chart}, numbers: [{question, caption, chart}] (one histogram panel per numeric question)};
+    `by_question` and `numbers`: counts the run already made (answer_rows, numeric_values)."""
+    rows = answer_rows(answers, job, by_question)
     panels = []
-    for qid, values, weights, unit, dropped in numeric_values(answers, job):
+    for qid, values, weights, unit, dropped in numeric_values(answers, job, numbers):
         extra = f"; {dropped} in a unit the question does not accept" if dropped else ""
         panels.append({"question": qid, "caption": f"{int(weights.sum())} numbers{extra}",
                        "chart": histogram(f"histogram-{_slug(qid)}", values, unit, qid, weights)})
@@ -375,7 +378,8 @@ def evaluation_section(evaluation: pa.Table, summary: dict) -> dict:
 
 # --- the page --------------------------------------------------------------------------------------------------
 def report_context(report: dict | None = None, answers=None, patients: pa.Table | None = None,
-                   evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None) -> dict:
+                   evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None,
+                   numbers: pa.Table | None = None) -> dict:
     """Everything the template shows, as plain dicts and lists (the arguments are render_report's)."""
     from engine.store.answers import row_count
 
@@ -384,7 +388,8 @@ def report_context(report: dict | None = None, answers=None, patients: pa.Table 
         f"model {report.get('model')} ({report.get('backend')})" if report else "",
         f"job fingerprint {report.get('job_fingerprint')}" if report else "",
         f"generated {report.get('generated')}" if report else "") if x]
-    answered = answer_sections(answers, job) if row_count(answers) else {"answers": None, "numbers": []}
+    by_question = (report or {}).get("answers_by_question")  # counted by the run with the report's other counts
+    answered = answer_sections(answers, job, by_question, numbers) if row_count(answers) else {"answers": None, "numbers": []}
     return {"name": (report or {}).get("job") or (job.name if job else "engine run"), "subtitle": subtitle,
             "figures": figures_section(report) if report else None,
             **cohort_sections(report, patients, funnel, job), **answered,
@@ -393,12 +398,15 @@ def report_context(report: dict | None = None, answers=None, patients: pa.Table 
 
 
 def render_report(report: dict | None = None, answers=None, patients: pa.Table | None = None,
-                  evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None) -> str:
+                  evaluation: tuple[pa.Table, dict] | None = None, job: JobSpec | None = None,
+                  numbers: pa.Table | None = None) -> str:
     """The whole page as one string; every argument may be missing (its sections are left out).
 
-    `answers` is a table or the committed files (a pyarrow dataset); only aggregates of it are read.
+    `answers` is a table or the committed files (a pyarrow dataset); only aggregates of it are read, and none
+    that report.json (`answers_by_question`) or `numbers` (engine.store.answers.answer_totals) already hold.
     """
-    return environment().get_template(TEMPLATE).render(report_context(report, answers, patients, evaluation, job))
+    context = report_context(report, answers, patients, evaluation, job, numbers)
+    return environment().get_template(TEMPLATE).render(context)
 
 
 def _funnel(report: dict | None, patients: pa.Table | None, job: JobSpec | None) -> list[dict]:
@@ -411,7 +419,7 @@ def _funnel(report: dict | None, patients: pa.Table | None, job: JobSpec | None)
 
 
 def write_report_html(store, job: JobSpec | None = None, *, report: dict | None = None, answers=None,
-                      patients: pa.Table | None = None, source=None) -> str:
+                      patients: pa.Table | None = None, source=None, numbers: pa.Table | None = None) -> str:
     """Render report.html into `store` (an OutputStore); what is not passed is read from `source` (default: store).
 
     The evaluation is read from `store`'s eval.parquet when an eval has run there. Returns the file's path.
@@ -430,7 +438,7 @@ def write_report_html(store, job: JobSpec | None = None, *, report: dict | None 
     if patients is None:
         patients = _read_patients(source)
     evaluation = read_evaluation(store.uri, store.storage_options)
-    store.write_text(REPORT_HTML, render_report(report, answers, patients, evaluation, job))
+    store.write_text(REPORT_HTML, render_report(report, answers, patients, evaluation, job, numbers))
     return f"{store.uri.rstrip('/')}/{REPORT_HTML}"
 
 

@@ -34,14 +34,15 @@ def hardware_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpus} GPU"
 
 
-def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], stats, store) -> dict:
+def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], stats, store, totals: dict | None = None) -> dict:
     """report.json: the keys of issue 2 are stable; later additions extend, never rename.
 
-    `answers` is a table or the committed files (a pyarrow dataset): the counts are SQL aggregates over it.
+    `answers` is a table or the committed files (a pyarrow dataset): the counts are SQL aggregates over it
+    (engine.store.answers.answer_totals; pass `totals` when they are already counted, as run_job does for the page).
     """
     from engine.store.answers import answer_totals
 
-    totals = answer_totals(answers, patients if "n_notes" in patients.column_names else None)
+    totals = totals or answer_totals(answers, patients if "n_notes" in patients.column_names else None)
     by_status = {status: 0 for status in STATUSES} | totals["by_status"]
     top_errors = list(totals["errors"].items())[:TOP_ERRORS]
     prompt, cached, completion = totals["prompt_tokens"], totals["cached_tokens"], totals["completion_tokens"]
@@ -67,6 +68,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "notes_truncated": totals["notes_truncated"],
         "grounding": totals["grounding"],
         "verification": _verification(job, totals, patients),
+        "answers_by_question": totals["by_question"],  # rows per question: yes, no, value, not_in_note, error
         "prompt_tokens": prompt,
         "cached_prompt_tokens": cached,
         "computed_prompt_tokens": prompt - cached,

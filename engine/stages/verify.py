@@ -305,8 +305,11 @@ def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
 
 
 def _with_verification(batch: pa.Table, verified: list, reasons: list) -> pa.Table:
-    batch = batch.append_column("verified", pa.array(verified, VERIFY_COLUMNS["verified"]))
-    return batch.append_column("verification", pa.array(reasons, VERIFY_COLUMNS["verification"]))
+    for name, values in (("verified", verified), ("verification", reasons)):
+        dtype = VERIFY_COLUMNS[name]
+        checked = any(v is not None for v in values)
+        batch = batch.append_column(name, pa.array(values, dtype) if checked else pa.nulls(batch.num_rows, dtype))
+    return batch
 
 
 def _cue_answer(plan: Plan, question_id: str, cue_output: str, text: str) -> dict:

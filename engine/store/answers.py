@@ -85,22 +85,33 @@ SELECT count(*) AS rows, {notes} AS notes, {patients} AS patients,
        count(*) FILTER (WHERE NOT {verified} AND {model} = '{cues}') AS verified_replaced
 FROM answers"""
 
-# One scan for the five breakdowns; `k` is the value, `g` which breakdown it belongs to. A failed verification
-# counts under its category (engine.stages.verify: the reason up to " (").
+# One scan for every breakdown the report and the page show: rows by status, error reason, grounding and route,
+# each question's rows by what they say (yes, no, value, not in note, error), and the distinct answered numbers
+# with their counts (the histograms' input). `g` says which breakdown a row belongs to.
 _COUNTS_SQL = """
 SELECT CASE WHEN GROUPING(status) = 0 THEN 'status' WHEN GROUPING(error) = 0 THEN 'error'
-            WHEN GROUPING(grounding) = 0 THEN 'grounding' WHEN GROUPING(failed) = 0 THEN 'verification'
-            ELSE 'route' END AS g,
-       coalesce(status, error, grounding, failed, route) AS k, count(*) AS n
-FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, grounding, route,
-             split_part({verification}, ' (', 1) AS failed FROM answers)
-GROUP BY GROUPING SETS ((status), (error), (grounding), (route), (failed))
-HAVING k IS NOT NULL
-ORDER BY g, n DESC, k"""
+            WHEN GROUPING(grounding) = 0 THEN 'grounding' WHEN GROUPING(route) = 0 THEN 'route'
+            WHEN GROUPING(category) = 0 THEN 'category' ELSE 'number' END AS g,
+       coalesce(status, error, grounding, route, category) AS k, question_id, unit, number, count(*) AS n
+FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, grounding, route, question_id,
+             CASE WHEN status = 'answered' AND value_bool IS NOT NULL THEN CASE WHEN value_bool THEN 'yes' ELSE 'no' END
+                  WHEN status = 'answered' AND value_num IS NOT NULL THEN 'value'
+                  WHEN status = 'not_in_note' THEN 'not_in_note' ELSE 'error' END AS category,
+             CASE WHEN status = 'answered' THEN unit END AS unit,
+             CASE WHEN status = 'answered' THEN value_num END AS number
+      FROM answers)
+GROUP BY GROUPING SETS ((status), (error), (grounding), (route), (question_id, category), (question_id, unit, number))
+ORDER BY g, n DESC, k, question_id, unit, number"""
+# Failed verifications by category (engine.stages.verify: the reason up to " ("), run only when some failed:
+# the filter keeps the scan to those rows.
+_VERIFICATION_SQL = """
+SELECT split_part(verification, ' (', 1) AS k, count(*) AS n FROM answers WHERE verified = FALSE
+GROUP BY 1 ORDER BY n DESC, k"""
 
 
 def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
-    """Counts and token sums over all answer rows, by status, error reason, grounding and route.
+    """Counts and token sums over all answer rows, by status, error reason, grounding and route, with each
+    question's answer_categories (`by_question`) and answered_numbers (`numbers`) from the same scan.
 
     `patients` (roll-up's table, one row per patient with `n_notes`, its distinct note ids) gives the note and
     patient counts without two more passes over the answers (6 s of the report at 23M rows): notes are then
@@ -118,15 +129,25 @@ def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
                              verified="verified" if verifies else "NULL::BOOLEAN", cues=CUE_MODEL_NAME,
                              model="model" if verifies else "NULL::VARCHAR")
     totals = query_dicts(con, sql)[0]
-    counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}, "verification": {}}
-    counts = _COUNTS_SQL.format(verification="verification" if verifies else "NULL::VARCHAR")
-    for row in query_dicts(con, counts):
-        counted[row["g"]][row["k"]] = row["n"]
+    counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}}
+    by_question: dict[str, dict[str, int]] = {}
+    breakdowns = con.execute(_COUNTS_SQL).fetch_arrow_table()
+    numbers = breakdowns.filter(pc.and_(pc.equal(breakdowns["g"], "number"), pc.is_valid(breakdowns["number"])))
+    for row in breakdowns.filter(pc.not_equal(breakdowns["g"], "number")).to_pylist():
+        if row["g"] == "category":
+            by_question.setdefault(row["question_id"], {})[row["k"]] = row["n"]
+        elif row["k"] is not None:
+            counted[row["g"]][row["k"]] = row["n"]
+    failures = query_dicts(con, _VERIFICATION_SQL) if totals["verified_failed"] else []
     totals["by_status"] = counted["status"]
     totals["errors"] = counted["error"]
     totals["grounding"] = counted["grounding"]
     totals["by_route"] = counted["route"]
-    totals["verification_failures"] = counted["verification"]
+    totals["verification_failures"] = {row["k"]: row["n"] for row in failures}
+    totals["by_question"] = by_question  # answer_categories
+    totals["numbers"] = numbers.select(["question_id", "unit", "number", "n"]).rename_columns(
+        ["question_id", "unit", "value_num", "n"]).sort_by([("question_id", "ascending"), ("unit", "ascending"),
+                                                            ("value_num", "ascending")])  # answered_numbers
     return totals
 
 

@@ -73,7 +73,10 @@ def test_columnar_rollup_equals_the_sql_rollup(notes, grounded, fuzzy, verified)
 def test_committed_files_take_the_columnar_path_and_match_sql(tmp_path):
     notes = [{"patient": f"p{i % 3}", "minutes": i % 4, "sex": "F", "age": 60 + i,
               "answers": [{"status": "answered", "value_bool": i % 2 == 0, "value_num": float(i), "unit": unit,
-                           "evidence": f"q{i}", "grounding": "exact"}
+                           "evidence": f"q{i}", "grounding": "exact",
+                           # failed model answers in the second file only, some replaced by the cue answer: the
+                           # first file's `model` column is never read, the second's is
+                           "verified": None if i < 5 else i % 3 != 0, "model": "cues" if i % 4 == 0 else "m"}
                           for unit in (None, None, None, "mg/dL", "g/dL", "kg", "%")]} for i in range(12)]
     table = note_major(notes)
     (tmp_path / "answers").mkdir()
@@ -84,6 +87,7 @@ def test_committed_files_take_the_columnar_path_and_match_sql(tmp_path):
     assert fast is not None
     assert fast.to_pylist() == rollup_sql(table, job).to_pylist() == rollup_answers(dataset, job).to_pylist()
     assert fast.num_rows == 3 and fast["n_notes"].to_pylist() == [4, 4, 4]
+    assert any(any(fast[f"{q['id']}__unverified"].to_pylist()) for q in QUESTIONS)  # a failure decides a winner
 
 
 def _base() -> pa.Table:
