@@ -139,7 +139,8 @@ def fresh_leg(name: str, extract: Path, out: Path) -> dict:
     of a leg run after another in one process were its predecessor's too: 5.4 GiB instead of 3.1 at 1M)."""
     command = [sys.executable, __file__, "--leg", name, "--extract", str(extract), "--out", str(out)]
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # the leg's figures are its last JSON line (Ray may print a line of its own after it, e.g. a worker's exit)
+    result = next(json.loads(line) for line in reversed(done.stdout.strip().splitlines()) if line.startswith("{"))
     shutil.rmtree(out, ignore_errors=True)
     return result
 

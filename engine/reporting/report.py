@@ -92,16 +92,24 @@ def _calls_saved(by_route: dict[str, int]) -> float | None:
 def _verification(job: JobSpec, totals: dict, patients: pa.Table) -> dict:
     """Model answers checked against their notes (engine.stages.verify): passed, failed by category, how many gave
     way to the cue answer (hybrid), and the patients and criteria an unverified answer puts on hold (model mode)."""
-    flags = {c.id: f"{c.id}__unverified" for c in job.criteria if f"{c.id}__unverified" in patients.column_names}
-    held = pa.array([False] * patients.num_rows)
-    for column in flags.values():
-        held = pc.or_(held, patients[column].fill_null(False))
     return {
         "model_answers_checked": totals["verified_checked"],
         "passed": totals["verified_passed"],
         "failed": totals["verified_failed"],
         "cue_answer_kept": totals["verified_replaced"],
         "failed_by_reason": totals["verification_failures"],
+        **_verification_holds(job, patients),
+    }
+
+
+def _verification_holds(job: JobSpec, patients: pa.Table) -> dict:
+    """The patients and criteria that unverified model answers hold for review (they follow the rules: `engine
+    rules` recounts them)."""
+    flags = {c.id: f"{c.id}__unverified" for c in job.criteria if f"{c.id}__unverified" in patients.column_names}
+    held = pa.array([False] * patients.num_rows)
+    for column in flags.values():
+        held = pc.or_(held, patients[column].fill_null(False))
+    return {
         "require_verified_answers": job.review.require_verified_answers,
         "patients_held": int(pc.sum(held).as_py() or 0),
         "criteria_held": {cid: int(pc.sum(patients[col].fill_null(False)).as_py() or 0) for cid, col in flags.items()},
@@ -119,6 +127,8 @@ def with_rules_cohort(report: dict | None, job: JobSpec, patients: pa.Table, fun
     report = dict(report) if report else {"job": job.name, "job_fingerprint": job.fingerprint(), "engine_version": __version__,
                                           "patients": patients.num_rows}
     report["cohort"] = cohort_section(patients, funnel) | {"rules_applied": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if "verification" in report:  # the answers' counts stay; who is held follows the rules just applied
+        report["verification"] = {**report["verification"], **_verification_holds(job, patients)}
     return report
 
 

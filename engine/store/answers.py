@@ -80,9 +80,7 @@ SELECT count(*) AS rows, {notes} AS notes, {patients} AS patients,
        count(completion_tokens) AS model_outputs,
        count(*) FILTER (WHERE completion_tokens IS NOT NULL AND status = 'error'
                         AND regexp_matches(coalesce(error, ''), '{unparsed}')) AS unparsed,
-       count({verified}) AS verified_checked, count(*) FILTER (WHERE {verified}) AS verified_passed,
-       count(*) FILTER (WHERE NOT {verified}) AS verified_failed,
-       count(*) FILTER (WHERE NOT {verified} AND {model} = '{cues}') AS verified_replaced
+       count({verified}) AS verified_checked
 FROM answers"""
 
 # One scan for every breakdown the report and the page show: rows by status, error reason, grounding and route,
@@ -102,11 +100,12 @@ FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, groundi
       FROM answers)
 GROUP BY GROUPING SETS ((status), (error), (grounding), (route), (question_id, category), (question_id, unit, number))
 ORDER BY g, n DESC, k, question_id, unit, number"""
-# Failed verifications by category (engine.stages.verify: the reason up to " ("), run only when some failed:
-# the filter keeps the scan to those rows.
+# Checked model answers by outcome: passed, or failed by category (engine.stages.verify: the reason up to " (")
+# and whether the cue answer stood in; run only when some were checked (the filter keeps the scan to those rows).
 _VERIFICATION_SQL = """
-SELECT split_part(verification, ' (', 1) AS k, count(*) AS n FROM answers WHERE verified = FALSE
-GROUP BY 1 ORDER BY n DESC, k"""
+SELECT verified, CASE WHEN NOT verified THEN split_part(verification, ' (', 1) END AS k,
+       count(*) AS n, count(*) FILTER (WHERE model = '{cues}') AS replaced
+FROM answers WHERE verified IS NOT NULL GROUP BY ALL ORDER BY n DESC, k"""
 
 
 def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
@@ -126,8 +125,7 @@ def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
     truncated = "count(DISTINCT note_id) FILTER (WHERE truncated)"
     verifies = "verified" in answers.schema.names  # answers written before verification have no such columns
     sql = _TOTALS_SQL.format(notes=notes, patients=people, truncated=truncated, unparsed=UNPARSED_ERRORS,
-                             verified="verified" if verifies else "NULL::BOOLEAN", cues=CUE_MODEL_NAME,
-                             model="model" if verifies else "NULL::VARCHAR")
+                             verified="verified" if verifies else "NULL::BOOLEAN")
     totals = query_dicts(con, sql)[0]
     counted: dict[str, dict] = {"status": {}, "error": {}, "grounding": {}, "route": {}}
     by_question: dict[str, dict[str, int]] = {}
@@ -138,7 +136,11 @@ def answer_totals(answers: Answers, patients: pa.Table | None = None) -> dict:
             by_question.setdefault(row["question_id"], {})[row["k"]] = row["n"]
         elif row["k"] is not None:
             counted[row["g"]][row["k"]] = row["n"]
-    failures = query_dicts(con, _VERIFICATION_SQL) if totals["verified_failed"] else []
+    checked = query_dicts(con, _VERIFICATION_SQL.format(cues=CUE_MODEL_NAME)) if totals["verified_checked"] else []
+    failures = [row for row in checked if not row["verified"]]
+    totals["verified_passed"] = sum(row["n"] for row in checked if row["verified"])
+    totals["verified_failed"] = sum(row["n"] for row in failures)
+    totals["verified_replaced"] = sum(row["replaced"] for row in failures)
     totals["by_status"] = counted["status"]
     totals["errors"] = counted["error"]
     totals["grounding"] = counted["grounding"]

@@ -249,3 +249,18 @@ def test_failed_model_answers_are_counted_and_shown(job, tmp_path):
     assert page.by_id("verification-section") is not None and page.by_id("verification-failures") is not None
     text = "".join(page.text)
     assert "value not in evidence quote" in text and f"{answered}model answers checked" in text
+
+
+def test_engine_rules_recounts_who_unverified_answers_hold(job, tmp_path):
+    """Turning review.require_verified_answers off with `engine rules` releases the held patients in report.json."""
+    from engine.cohort.rules import screen
+    from engine.reporting.report import with_rules_cohort
+
+    answers = with_unverified(gold_answers(job, notes=NOTES), kept=3, replaced=2)
+    store, report, _ = write_output_folder(tmp_path, job, answers)
+    assert report["verification"]["patients_held"] > 0
+    relaxed = job.model_copy(update={"review": job.review.model_copy(update={"require_verified_answers": False})})
+    patients, funnel = screen(store.read_answers(), relaxed)
+    again = with_rules_cohort(report, relaxed, patients, funnel)["verification"]
+    assert (again["patients_held"], again["criteria_held"], again["require_verified_answers"]) == (0, {}, False)
+    assert again["failed"] == report["verification"]["failed"] == 5  # the answers' own counts stay
