@@ -51,6 +51,8 @@ class ModelSpec(Strict):
     max_num_seqs: int = Field(128, ge=1, description="Most sequences one engine runs at once. Raise on large GPUs if the report shows the engine under-filled.")
     evidence_max_chars: int = Field(120, ge=16, le=1000, description="Longest evidence quote the model may write; bounds generation.")
     seed: int = Field(0, description="Sampling seed (decoding is greedy at temperature 0).")
+    adapter: str | None = Field(None, description="A LoRA adapter folder (from `engine train`) served on top of `name` with vLLM's LoRA support, on CPU and GPU. Its adapter_config.json must name the same base model.")
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(16, description="Largest LoRA rank the engine reserves room for when `adapter` is set.")
 
 
 class BatchingSpec(Strict):
@@ -213,11 +215,20 @@ class JobSpec(Strict):
         """Hash of what decides the answers (input, model, questions). Changing rules keeps it."""
         decisive = {
             "input": self.input.model_dump(exclude={"limit"}),
-            "model": self.model.model_dump(),
+            "model": _model_decisive(self.model),
             "questions": [q.model_dump() for q in self.questions],
             "extraction": self.extraction.model_dump(),
         }
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_decisive(model: ModelSpec) -> dict:
+    """The model settings that decide answers; the adapter fields only when an adapter is served, so the
+    fingerprint of every job without one is what it was before adapters existed (their outputs still resume)."""
+    dumped = model.model_dump()
+    if dumped["adapter"] is None:
+        dumped.pop("adapter"), dumped.pop("max_lora_rank")
+    return dumped
 
 
 DIRECT_PREFIX = "direct_"

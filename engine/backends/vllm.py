@@ -40,6 +40,22 @@ def _set_quiet_environment(kv_cache_gib: float, offline: bool) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+def check_adapter(path: str, max_rank: int) -> str:
+    """The adapter folder, resolved; a BackendError that says what to do when it is not a LoRA adapter vLLM can serve."""
+    import json
+
+    folder = os.path.abspath(os.path.expanduser(path))
+    config = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(config):
+        raise BackendError(f"model.adapter {path}: no adapter_config.json there; point it at a folder made by "
+                           "`python -m engine train` (or any peft LoRA adapter)")
+    with open(config, encoding="utf-8") as f:
+        rank = json.load(f).get("r", 0)
+    if rank > max_rank:
+        raise BackendError(f"model.adapter {path} has LoRA rank {rank}, above model.max_lora_rank {max_rank}; raise max_lora_rank")
+    return folder
+
+
 def cpu_dtype() -> str:
     """bfloat16 only where the CPU computes it natively (AVX512-BF16/AMX); measured 4-5x slower emulated on AVX2."""
     import torch
@@ -81,6 +97,13 @@ class VLLMBackend(Backend):
         else:
             options.update(dtype=cpu_dtype() if spec.dtype == "auto" else spec.dtype, enforce_eager=True,
                            block_size=spec.block_size or CPU_BLOCK_SIZE)
+        self.lora = None
+        if spec.adapter:
+            from vllm.lora.request import LoRARequest
+
+            adapter = check_adapter(spec.adapter, spec.max_lora_rank)
+            options.update(enable_lora=True, max_loras=1, max_lora_rank=spec.max_lora_rank)
+            self.lora = LoRARequest("adapter", 1, adapter)
         self.device = "gpu" if on_gpu else "cpu"
         self.llm = LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
@@ -124,7 +147,7 @@ class VLLMBackend(Backend):
                 fitted[request.note_key] = self.fit_note(request.note_text)
             prompts.append(self._prompt(fitted[request.note_key][0], request.question, request.hint))
             params.append(self.sampling[request.question.id])
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         results = []
         for request, output in zip(requests, outputs):
             completion = output.outputs[0]
@@ -140,7 +163,9 @@ class VLLMBackend(Backend):
 
     @property
     def model_name(self) -> str:
-        return self.plan.job.model.name
+        """The job's model, with the adapter's folder name when one is served (answers/ says which answered)."""
+        spec = self.plan.job.model
+        return f"{spec.name}+{os.path.basename(os.path.normpath(spec.adapter))}" if spec.adapter else spec.name
 
     def close(self) -> None:
         del self.llm
