@@ -44,12 +44,14 @@ def only_problem(error: JobError) -> str:
 
 # --- the real job -----------------------------------------------------------------------------------------
 
-def test_apixaban_job_loads_with_23_questions():
+def test_apixaban_job_loads_with_23_questions_and_two_dates():
     job = load_job(APIXABAN)
     types = [q.type for q in job.questions]
-    assert len(job.questions) == 23
+    assert len(job.questions) == 25
     assert types.count("yes_no") == 15
     assert types.count("numeric") == 8
+    assert [q.id for q in job.questions if q.type == "date"] == ["stroke_date", "bleeding_date"]
+    assert (job.question("recent_stroke").lookback, job.question("recent_serious_bleeding").lookback) == ("30d", "6mo")
     assert job.questions[0].id == "atrial_fibrillation"
     assert job.question("creatinine_max").unit == "mg/dL"
     assert job.question("creatinine_max").units["umol/L"] == pytest.approx(0.01131)
