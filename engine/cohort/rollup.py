@@ -18,7 +18,8 @@ known value of the latest note by charttime (notes without a charttime count as 
 Windows (engine.cohort.windows): a question with `lookback`/`lookahead` counts only the rows of notes whose charttime
 falls in its window around the patient's index date (`index_date`, `index_date_source` in the patient table); rows
 of undated notes count and are counted (`<question>__undated_notes`), rows outside are counted
-(`<question>__notes_outside_window`) and left out; with the index date unknown, the question's values are unknown.
+(`<question>__notes_outside_window`) and left out (for an absent: "no" question rolled up with any they say "no":
+nothing documented in the window); with the index date unknown, the question's values are unknown.
 
 Trust. An answered row is trusted unless (job `review.require_grounded_evidence`) its evidence quote was not
 found in the note (`exact`, or `fuzzy` with `accept_fuzzy`, count as found), or (job
@@ -264,7 +265,7 @@ def _winners_sql() -> str:
     gives the same NULLs as no row); any/all keep them, an unknown ranks between TRUE and FALSE there.
     """
     return f"""
-WITH rows AS (SELECT * FROM ({_row_values_sql()}) WHERE in_window IS NOT FALSE),
+WITH rows AS (SELECT * FROM ({_row_values_sql()}) WHERE in_window IS NOT FALSE OR says_no),
 won AS (SELECT patient_id, qidx, arg_max(struct_pack(vb, vn, sv, trusted, grounded, verified, note_id, evidence),
                                           {_WINNER_KEY}) AS w
         FROM rows WHERE sv IS NOT NULL OR rollup IN ('any', 'all') GROUP BY ALL)
@@ -312,12 +313,18 @@ def _typed(ranked: pa.Array, question: QuestionSpec) -> pa.Array:
 def _row_values_sql() -> str:
     """Each answer row with its per-note value: vb (yes_no), vn (numeric, canonical; date: day number; categorical:
     position among the choices), sv (sortable), and whether its note is in the question's window (in_window: TRUE
-    without a window or without a charttime, NULL when the patient's index date is unknown)."""
+    without a window or without a charttime, NULL when the patient's index date is unknown). A row outside its window
+    says nothing: it is left out, except that it says "no" for an absent: "no" question rolled up with any (nothing
+    documented in the window), so that a patient none of whose notes fall in the window is "no" there and unknown for
+    the other questions."""
     return f"""
-  SELECT * EXCLUDE (vb, vn), CASE WHEN in_window IS NOT NULL THEN vb END AS vb,
-         CASE WHEN in_window IS NOT NULL THEN vn END AS vn,
-         CASE WHEN in_window IS NOT NULL THEN coalesce(vn, vb::DOUBLE) END AS sv, grounded AND verified AS trusted FROM (
+  SELECT * EXCLUDE (vb, vn, answered, evidence, grounded, verified), CASE WHEN in_window THEN vb WHEN NOT in_window AND says_no THEN FALSE END AS vb,
+         CASE WHEN in_window THEN vn END AS vn, CASE WHEN in_window THEN evidence END AS evidence,
+         CASE WHEN in_window THEN coalesce(vn, vb::DOUBLE) WHEN NOT in_window AND says_no THEN 0 END AS sv,
+         answered AND in_window IS TRUE AS answered, grounded OR in_window IS FALSE AS grounded,
+         verified OR in_window IS FALSE AS verified, (grounded AND verified) OR in_window IS FALSE AS trusted FROM (
     SELECT a.patient_id, a.note_id, q.qidx, a.charttime, a.evidence, q.rollup, q.windowed,
+           q.absent_no AND q.rollup = 'any' AS says_no,
            CASE WHEN NOT q.windowed OR a.charttime IS NULL THEN TRUE
                 WHEN ix.__index IS NULL THEN NULL
                 ELSE a.charttime::DATE BETWEEN

@@ -115,3 +115,64 @@ def test_other_layouts_fall_back_to_sql(break_layout):
     table = break_layout(_base())
     assert columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS)) is None
     assert rollup_answers(table, job).to_pylist() == rollup_sql(table, job).to_pylist()
+
+
+# --- windows: the SQL roll-up alone handles them; checked against the columnar roll-up of the rows a window keeps ---
+DAY_NOTE = st.fixed_dictionaries({
+    "patient": st.sampled_from(["p1", "p2", "p3"]),
+    "days": st.one_of(st.none(), st.integers(0, 40)),  # day of the note; None: no charttime (counted, flagged)
+    "sex": st.just("F"), "age": st.just(70),
+    "answers": st.lists(ANSWER, min_size=len(QUESTIONS), max_size=len(QUESTIONS)),
+})
+# the window each question may take: yes/no questions rolled up with any (absent: "no": a note outside says "no")
+# and numeric ones (a note outside is left out)
+WINDOWABLE = [q["id"] for q in QUESTIONS if q["type"] == "numeric" or (q["type"] == "yes_no" and q.get("absent") == "no"
+                                                                      and q.get("rollup") in (None, "any"))]
+WINDOW_DAYS = {"0d": 0, "3d": 3, "1w": 7, "2w": 14}
+
+
+def windowed_job(windows: dict[str, str], verified: bool) -> JobSpec:
+    questions = [{**q, "lookback": windows.get(q["id"])} for q in QUESTIONS]
+    return JobSpec.model_validate({**job_for(True, True, verified).model_dump(), "questions": questions})
+
+
+def kept_by_windows(notes: list[dict], windows: dict[str, str]) -> pa.Table:
+    """The note-major table as a window leaves it, worked out here in Python: index date = the patient's latest
+    note's day; an answer of a dated note before index - lookback says "not in note" (a yes/no question: "no") or
+    is an error row (a number: left out of max/min/latest)."""
+    latest = {}
+    for note in notes:
+        if note["days"] is not None:
+            latest[note["patient"]] = max(latest.get(note["patient"], -1), note["days"])
+    changed = []
+    for note in notes:
+        answers = []
+        for question, answer in zip(QUESTIONS, note["answers"]):
+            window = windows.get(question["id"])
+            outside = window is not None and note["days"] is not None and \
+                not latest[note["patient"]] - WINDOW_DAYS[window] <= note["days"]
+            if outside:
+                status = "not_in_note" if question["type"] == "yes_no" else "error"
+                answer = {**answer, "status": status, "value_bool": None, "evidence": None, "grounding": None,
+                          "verified": None}
+            answers.append(answer)
+        changed.append({**note, "answers": answers, "minutes": None if note["days"] is None else note["days"] * 1440})
+    return note_major(changed)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(DAY_NOTE, min_size=1, max_size=9),
+       st.dictionaries(st.sampled_from(WINDOWABLE), st.sampled_from(list(WINDOW_DAYS)), min_size=1), st.booleans())
+def test_windows_keep_what_the_columnar_rollup_of_the_kept_rows_gives(notes, windows, verified):
+    job = windowed_job(windows, verified)
+    table = note_major([{**n, "minutes": None if n["days"] is None else n["days"] * 1440} for n in notes])
+    assert columnar_rollup is not None and rollup_answers(table, job).to_pylist() == rollup_sql(table, job).to_pylist()
+    plain = job_for(True, True, verified)
+    kept = kept_by_windows(notes, windows)
+    expected = columnar_rollup(kept, plain, _schema_for(kept, plain), list(ROLLUP_COLUMNS))
+    got = rollup_answers(table, job).select(expected.column_names)
+    assert got.to_pylist() == expected.to_pylist()
+    counts = rollup_answers(table, job)
+    for qid in windows:  # the undated notes each window counted
+        undated = {p: sum(1 for n in notes if n["patient"] == p and n["days"] is None) for p in {n["patient"] for n in notes}}
+        assert dict(zip(counts["patient_id"].to_pylist(), counts[f"{qid}__undated_notes"].to_pylist())) == undated
