@@ -22,8 +22,9 @@ answer (route `model`, status `answered` or `not_in_note`) is verified when:
   * date: the date phrase (`value_text`) is written in the quote, the date follows from it (the phrase, read by
     engine.stages.dates against the note's charttime, names a period that holds the answer's date: "2 weeks ago" in
     a note of 2026-03-10 is 2026-02-24, "March 2026" any day of that month), and a cue mention of the question stands
-    on the quote's line;
-  * categorical: the quote writes the choice (its words or a declared synonym) and a cue mention stands on its line;
+    on the quote's line within NEAR_CHARS of it;
+  * categorical: the quote writes the choice (its words or a declared synonym) and a cue mention stands near it (the
+    same);
   * "not in note": a yes/no question's note holds no mention that counts for the patient, and (hybrid mode) the cues
     read no value (no date, no choice) for a numeric (date, categorical) question.
 
@@ -197,11 +198,11 @@ def check_answer(row: dict, text: str, question: PlannedQuestion, counts=None) -
         problem = _date_problem(row, text, text[start:end])
         if problem:
             return f"{problem} {detail}"
-        start, end = _line_start(text, start), _line_end(text, end)
+        start, end = _near(text, start, end)
     elif spec.type == "categorical":
         if not choice_in(text[start:end], spec, row["value_text"] or ""):
             return f"{CHOICE_NOT_IN_QUOTE} {detail}"
-        start, end = _line_start(text, start), _line_end(text, end)
+        start, end = _near(text, start, end)
     if not mentions_in(text, start, end, question):
         return f"{NO_MENTION} {detail}"
     if spec.type == "yes_no" and row["value_bool"] and not _a_quoted_mention_counts(text, start, end, question, counts):
@@ -226,8 +227,11 @@ def _date_problem(row: dict, text: str, quote: str) -> str | None:
     return None
 
 
-def _line_start(text: str, start: int) -> int:
-    return text.rfind("\n", 0, start) + 1
+NEAR_CHARS = 80  # a date's or a choice's mention stands on the quote's line, at most this far from it (as the cues read)
+
+
+def _near(text: str, start: int, end: int) -> tuple[int, int]:
+    return max(text.rfind("\n", 0, start) + 1, start - NEAR_CHARS), min(_line_end(text, end), end + NEAR_CHARS)
 
 
 def _counted_outside(text: str, start: int, end: int, question: PlannedQuestion, counts) -> str:
