@@ -107,8 +107,8 @@ def _structured_columns(job: JobSpec) -> list[str]:
 
 
 def needs_sql(job: JobSpec) -> bool:
-    """Whether only the SQL roll-up handles the job: date or categorical questions, windows or an index date."""
-    return job.uses_index_date or any(q.type in ("date", "categorical") for q in job.questions)
+    """Whether only the SQL roll-up handles the job: an index date from a structured column (read as DuckDB casts it)."""
+    return job.index is not None and job.index.column is not None
 
 
 def rollup_answers(answers, job: JobSpec) -> pa.Table:
