@@ -408,3 +408,18 @@ def test_make_extract_counts_ids_and_schema():
     for r in table.to_pylist():
         per_subject[r["subject_id"]].add((r["sex"], r["age"]))
     assert all(len(v) == 1 for v in per_subject.values())
+
+
+def test_decide_counts_recent_events_only_in_their_window_before_the_latest_note():
+    """decide() applies the job's windows in its own arithmetic: 30 days for a stroke, 6 calendar months for a bleed."""
+    import datetime as dt
+
+    af = {q: (q == "atrial_fibrillation", None, None) for q in syn.YES_NO} | {q: (None, None, None) for q in syn.NUMERIC}
+    stroke = af | {"recent_stroke": (True, None, None)}
+    bleed = af | {"recent_serious_bleeding": (True, None, None)}
+    latest = dt.date(2151, 3, 31)
+    assert syn.decide("F", 80, [stroke, af], [dt.date(2151, 3, 1), latest])["exc_recent_stroke"] == "met"  # 30 days
+    assert syn.decide("F", 80, [stroke, af], [dt.date(2151, 2, 28), latest])["exc_recent_stroke"] == "not_met"  # 31
+    assert syn.decide("F", 80, [bleed, af], [dt.date(2150, 9, 30), latest])["exc_bleeding_risk"] == "met"  # 31 March - 6 months
+    assert syn.decide("F", 80, [bleed, af], [dt.date(2150, 9, 29), latest])["exc_bleeding_risk"] == "not_met"
+    assert syn.decide("F", 80, [stroke, af])["exc_recent_stroke"] == "met"  # without dates: any note
