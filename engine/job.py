@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -108,8 +109,6 @@ DURATION_UNITS = {"d": "day", "w": "week", "mo": "month", "y": "year"}
 
 def parse_duration(text: str) -> tuple[int, str]:
     """'6mo' -> (6, 'month'); ValueError naming the accepted forms otherwise."""
-    import re
-
     m = re.match(DURATION, text or "")
     if not m:
         raise ValueError(f"{text!r} is not a duration; write a whole number and d, w, mo or y: 30d, 2w, 6mo, 1y")

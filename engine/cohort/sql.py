@@ -31,9 +31,10 @@ def sandbox() -> duckdb.DuckDBPyConnection:
 # Functions for rules, beside DuckDB's own. NULL in, NULL out: a missing date is unknown, not false.
 MACROS = (
     # days_between(stroke_date, index_date) <= 30: days from the first date to the second (negative when the first
-    # is later); dates, timestamps or ISO text, compared by calendar day
+    # is later); dates, timestamps or ISO text, compared by calendar day. Text that is no date is unknown (TRY_CAST):
+    # one patient's bad value must not stop the rules of all the others.
     "CREATE MACRO days_between(first_date, second_date) AS "
-    "date_diff('day', CAST(first_date AS DATE), CAST(second_date AS DATE))",
+    "date_diff('day', TRY_CAST(first_date AS DATE), TRY_CAST(second_date AS DATE))",
 )
 
 

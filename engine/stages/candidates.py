@@ -78,7 +78,7 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     notes = texts.dictionary.to_pylist() if pa.types.is_dictionary(texts.type) else texts.to_pylist()
     questions = batch["question_id"].to_pylist()
     dated = any(q.spec.type == "date" for q in plan.questions) and "charttime" in batch.column_names
-    times = batch["charttime"].to_pylist() if dated else [None] * n
+    times = batch["charttime"] if dated else None  # read per note (one scalar each), only for a job with date questions
     rows_by_note: dict[int, list[int]] = {}
     for row in range(n):
         rows_by_note.setdefault(note_of[row], []).append(row)
@@ -86,7 +86,7 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     for note, rows in rows_by_note.items():
         live = [r for r in rows if not failed[r]]
         if live:
-            charttime = times[live[0]]
+            charttime = times[live[0]].as_py() if times is not None else None
             assessed = assess_note(notes[note] or "", [plan.by_id[questions[r]] for r in live], plan, charttime)
             for row, verdict in zip(live, assessed):
                 verdicts[row] = _to_the_model(verdict, plan.by_id[questions[row]], charttime) if model_mode else verdict

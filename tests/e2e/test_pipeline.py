@@ -63,6 +63,8 @@ def test_every_answered_row_is_schema_valid(e2e_run):
         question = job.question(row["question_id"])
         if question.type == "yes_no":
             assert row["value_bool"] is not None and row["value_num"] is None
+        elif question.type == "date":  # an ISO date the grammar allowed and parse read as a calendar date
+            assert row["value_date"] is not None and row["value_num"] is None and row["value_bool"] is None
         else:
             assert row["value_num"] is not None and row["unit"] in question.units
             assert question.minimum <= row["value_num"] * question.units[row["unit"]] <= question.maximum

@@ -135,3 +135,23 @@ def test_report_windows_counts_the_excluded_and_undated_notes(answers):
     bleed = summary["questions"]["recent_serious_bleeding"]
     assert (bleed["notes_excluded"], bleed["patients_with_notes_excluded"]) == (1, 1)  # p06-a only
     assert summary["index_date"] == {"latest_note": 11}
+
+
+def test_a_bad_index_table_stops_with_an_error_naming_it(tmp_path):
+    from engine.cohort.windows import read_index_table
+    from engine.errors import InputError
+
+    job = load_job(ROOT / "jobs" / "apixaban.yaml")
+    path = tmp_path / "index.parquet"
+    pq.write_table(pa.table({"subject_id": ["p1"], "when": [dt.date(2026, 1, 1)]}), path)
+    with pytest.raises(InputError, match=r"index table .*index.parquet: no column 'index_date' \(has: subject_id, when\); set index.patient_id and index.date"):
+        read_index_table(job.model_copy(update={"index": IndexDateSpec(uri=str(path), patient_id="subject_id")}))
+    pq.write_table(pa.table({"patient_id": ["p1", "p1", "p2", None], "index_date": ["2026-01-01", "2026-02-01", "not a date", "2026-01-01"]}), path)
+    with pytest.raises(InputError, match="1 patient\\(s\\) with more than one index date \\(e.g. 'p1'\\); keep one row per patient"):
+        read_index_table(job.model_copy(update={"index": IndexDateSpec(uri=str(path))}))
+    pq.write_table(pa.table({"patient_id": [1, 2, 3], "index_date": ["2026-01-01", "not a date", "2026-03-05T10:00"]}), path)
+    table = read_index_table(job.model_copy(update={"index": IndexDateSpec(uri=str(path))}))
+    assert table.sort_by("patient_id").to_pylist() == [{"patient_id": "1", "index_date": dt.date(2026, 1, 1)},
+                                                       {"patient_id": "3", "index_date": dt.date(2026, 3, 5)}]
+    with pytest.raises(InputError, match="cannot read it"):
+        read_index_table(job.model_copy(update={"index": IndexDateSpec(uri=str(tmp_path / "missing.parquet"))}))
