@@ -161,3 +161,12 @@ def test_a_synonym_supports_its_choice():
     raw = {"evidence": "Chronic atrial fibrillation", "choice": "permanent"}
     out = answer_rows(generated([{"question": "af_type", "raw": raw}], note), plan).to_pylist()[0]
     assert out["verified"] is True and out["value_text"] == "permanent"
+
+
+def test_the_null_backend_says_not_in_note_for_every_question_type():
+    from engine.backends.null import NullBackend
+
+    plan = plan_in("model", [*JOB.questions, AF_TYPE])
+    answers = NullBackend(plan).constant_answers()
+    assert {parse_one(plan, qid, None, "stop", raw)["status"] for qid, raw in answers.items()} == {"not_in_note"}
+    assert {q.spec.type for q in plan.questions} == {"yes_no", "numeric", "date", "categorical"}
