@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, create_model
 
 from engine.job import QuestionSpec
-from schemas import NumericAnswer, YesNoAnswer
+from schemas import CategoricalAnswer, DateAnswer, NumericAnswer, YesNoAnswer
 from schemas.numeric import number_pattern
 
 
@@ -22,6 +22,12 @@ def answer_model_for(question: QuestionSpec, evidence_max_chars: int) -> type[Ba
     name = "".join(part.title() for part in question.id.split("_")) + "Answer"
     if question.type == "yes_no":
         return create_model(name, __base__=YesNoAnswer, evidence=evidence)
+    if question.type == "date":
+        return create_model(name, __base__=DateAnswer, evidence=evidence)
+    if question.type == "categorical":
+        choices = tuple(question.choices)
+        choice = (Literal[choices] | None, Field(description=f"One of {', '.join(choices)}; null if the note does not say."))  # type: ignore[valid-type]
+        return create_model(name, __base__=CategoricalAnswer, evidence=evidence, choice=choice)
     units = tuple(question.units)
     unit = (Literal[units] | None, Field(description=f"One of {', '.join(units)}; null if not in note."))  # type: ignore[valid-type]
     # As many integer digits as the largest plausible value in any accepted unit needs, and no more.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -104,18 +105,34 @@ class ExtractionSpec(Strict):
     context_rules: list[ContextRuleSpec] = Field(default_factory=list, description="Extra ConText trigger phrases, e.g. {phrase: in the setting of, flag: resolved} for AF from a reversible cause.")
 
 
+DURATION = r"^\s*(\d{1,4})\s*(d|w|mo|y)\s*$"  # 30d, 2w, 6mo, 1y
+DURATION_UNITS = {"d": "day", "w": "week", "mo": "month", "y": "year"}
+
+
+def parse_duration(text: str) -> tuple[int, str]:
+    """'6mo' -> (6, 'month'); ValueError naming the accepted forms otherwise."""
+    m = re.match(DURATION, text or "")
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write a whole number and d, w, mo or y: 30d, 2w, 6mo, 1y")
+    return int(m.group(1)), DURATION_UNITS[m.group(2)]
+
+
 class QuestionSpec(Strict):
     id: Annotated[str, Field(pattern=IDENTIFIER)] = Field(description="Identifier used in rules and output (lowercase, digits, underscore).")
-    type: Literal["yes_no", "numeric"] = Field(description="yes_no: YesNoAnswer; numeric: NumericAnswer (value + unit).")
+    type: Literal["yes_no", "numeric", "date", "categorical"] = Field(description="yes_no: YesNoAnswer; numeric: NumericAnswer (value + unit); date: DateAnswer (the date phrase as written and the ISO date it names, resolved against the note's charttime); categorical: CategoricalAnswer (one of `choices`).")
     question: str = Field(min_length=8, max_length=600, description="The single-order question put to the model.")
-    rollup: RollUp | None = Field(None, description="How a patient's notes combine: max, min, any, all, latest (by charttime). Default: any for yes_no, latest for numeric.")
+    rollup: RollUp | None = Field(None, description="How a patient's notes combine: max, min, any, all, latest (by charttime). Default: any for yes_no, latest for numeric and categorical, max (the most recent date) for date. For categorical, max and min follow the order of `choices` (NYHA I..IV: max is the worst class).")
     absent: Literal["no", "unknown"] = Field("unknown", description="What 'not in note' means for the patient after roll-up: 'no' (history questions answered No unless documented) or 'unknown'.")
     unit: str | None = Field(None, max_length=16, description="numeric only: the canonical unit that rules compare in.")
     units: dict[str, float] = Field(default_factory=dict, description="numeric only: accepted units and the factor that converts each to the canonical unit.")
     minimum: float = Field(0.0, description="numeric only: smallest plausible value (bounds generation).")
     maximum: float = Field(1_000_000.0, description="numeric only: largest plausible value (bounds generation).")
     cap: float | None = Field(None, description="numeric only: values above this are reported as this (e.g. LVEF >= 55 reported as 55).")
-    tolerance: float = Field(0.0, ge=0, description="numeric only: absolute tolerance used by engine eval.")
+    tolerance: float = Field(0.0, ge=0, description="numeric: absolute tolerance used by engine eval; date: tolerance in days.")
+    choices: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(default_factory=list, description="categorical only: the answers it may take, in order (paroxysmal, persistent, permanent; I, II, III, IV). The model's answer is constrained to them.")
+    synonyms: dict[str, list[Annotated[str, Field(min_length=1, max_length=80)]]] = Field(default_factory=dict, description="categorical only: other ways a note writes a choice ({permanent: [chronic AF], IV: [class 4, NYHA 4]}); the cues read them and verification accepts them.")
+    lookback: str | None = Field(None, description="Roll-up window: only notes whose charttime lies at most this long before the patient's index date count (30d, 2w, 6mo, 1y). A note without a charttime still counts and is flagged (<question>__undated_notes). See the job's `index`.")
+    lookahead: str | None = Field(None, description="Roll-up window: notes up to this long after the index date count too (default 0d when lookback is set: none after it).")
     cues: CueSpec | None = Field(None, description="What in a note can answer this question (extraction modes hybrid and lexical). A question without cues is always asked of the model.")
     # exclude=True: left out of model_dump, so of the job fingerprint (it does not decide the answers): adding or
     # changing it never changes a fingerprint, and a run keeps resuming. It is also left out of a dumped job.
@@ -138,11 +155,50 @@ class QuestionSpec(Strict):
                 raise ValueError("absent: \"no\" is for yes_no questions; a number not in the note is unknown")
         elif self.unit or self.units:
             raise ValueError("'unit' and 'units' are for numeric questions only")
+        if self.type in ("date", "categorical"):
+            if self.rollup in ("any", "all"):
+                raise ValueError(f"rollup '{self.rollup}' is for yes_no questions; {self.type} questions use max, min or latest")
+            if self.absent == "no":
+                raise ValueError(f"absent: \"no\" is for yes_no questions; a {self.type} answer not in the note is unknown")
+        if self.type == "categorical":
+            if len(self.choices) < 2:
+                raise ValueError("categorical questions need 'choices': at least two answers, e.g. [paroxysmal, persistent, permanent]")
+            _check_unique(self.choices, "choice")
+            unknown = sorted(set(self.synonyms) - set(self.choices))
+            if unknown:
+                raise ValueError(f"'synonyms' names {', '.join(unknown)}, not among the choices ({', '.join(self.choices)})")
+        elif self.choices or self.synonyms:
+            raise ValueError("'choices' and 'synonyms' are for categorical questions only")
+        for name in ("lookback", "lookahead"):
+            if getattr(self, name) is not None:
+                parse_duration(getattr(self, name))
         return self
 
     @property
     def effective_rollup(self) -> RollUp:
-        return self.rollup or ("any" if self.type == "yes_no" else "latest")
+        return self.rollup or {"yes_no": "any", "date": "max"}.get(self.type, "latest")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether only notes in a window around the patient's index date count in this question's roll-up."""
+        return self.lookback is not None or self.lookahead is not None
+
+
+class IndexDateSpec(Strict):
+    """Each patient's index date (screening, enrolment): what `lookback` windows and rules (`index_date`) measure from."""
+
+    column: str | None = Field(None, description="A structured column of the notes holding the index date (list it in input.structured); each patient's latest non-null value is used.")
+    uri: str | None = Field(None, description="A Parquet table (local or s3://) with one row per patient: the patient id and the index date (columns named by patient_id and date).")
+    patient_id: str = Field("patient_id", description="uri only: the column holding the patient id (same ids as the notes' patient id column).")
+    date: str = Field("index_date", description="uri only: the column holding the index date (a date, timestamp or ISO text).")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for uri (same rules as input.storage_options).")
+    missing: Literal["latest_note", "unknown"] = Field("latest_note", description="A patient with no index date in the column or table: latest_note (the date of the patient's latest note, as when no index is declared) or unknown (windowed questions are then unknown for that patient, and so are the rules that need them).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "IndexDateSpec":
+        if self.column and self.uri:
+            raise ValueError("give the index date as 'column' or as 'uri', not both")
+        return self
 
 
 class DerivedSpec(Strict):
@@ -176,6 +232,7 @@ class JobSpec(Strict):
     pricing: PricingSpec = Field(default_factory=PricingSpec)
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="Model only, cues only (lexical) or hybrid: cues find the evidence, the model answers where there is something to read.")
     review: ReviewSpec = Field(default_factory=ReviewSpec, description="What a cohort decision may rest on, e.g. only answers whose evidence quote is found in the note.")
+    index: IndexDateSpec | None = Field(None, description="Each patient's index date, for `lookback` windows and the rules' `index_date`; without it, the date of the patient's latest note.")
     questions: list[QuestionSpec] = Field(min_length=1, description="Single-order questions asked of every note.")
     derived: list[DerivedSpec] = Field(default_factory=list, description="Computed values (e.g. CHADS2 from its components) for rules.")
     criteria: list[CriterionSpec] = Field(default_factory=list, description="Trial criteria as rules over answers.")
@@ -199,8 +256,19 @@ class JobSpec(Strict):
         if direct:  # a criterion asked directly is one more yes/no question, answered and rolled up like the rest
             object.__setattr__(self, "questions", [*self.questions, *direct])
         names = [q.id for q in self.questions] + [d.id for d in self.derived] + [c.id for c in self.criteria]
-        _check_unique(names + list(self.input.structured) + list(RESERVED_PATIENT_COLUMNS), "question/derived/criterion/structured column")
+        structured = [s for s in self.input.structured if not (self.uses_index_date and s in INDEX_COLUMNS)]
+        reserved = list(RESERVED_PATIENT_COLUMNS) + (list(INDEX_COLUMNS) if self.uses_index_date else [])
+        _check_unique(names + structured + reserved, "question/derived/criterion/structured column")
+        if self.index and self.index.column and self.index.column not in self.input.structured:
+            raise ValueError(f"index.column {self.index.column!r} must be one of input.structured ({', '.join(self.input.structured) or 'none'}); add it there")
+        if self.index and self.index.column == "index_date_source":
+            raise ValueError("index.column cannot be 'index_date_source' (the patient table's own column)")
         return self
+
+    @property
+    def uses_index_date(self) -> bool:
+        """The patient table has `index_date` (and `index_date_source`): an index is declared or a question has a window."""
+        return self.index is not None or any(q.windowed for q in self.questions)
 
     def _has(self, question_id: str) -> bool:
         return any(q.id == question_id for q in self.questions)
@@ -216,7 +284,7 @@ class JobSpec(Strict):
         decisive = {
             "input": self.input.model_dump(exclude={"limit"}),
             "model": _model_decisive(self.model),
-            "questions": [q.model_dump() for q in self.questions],
+            "questions": [_decisive(q) for q in self.questions],
             "extraction": self.extraction.model_dump(),
         }
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
@@ -233,6 +301,16 @@ def _model_decisive(model: ModelSpec) -> dict:
 
 DIRECT_PREFIX = "direct_"
 RESERVED_PATIENT_COLUMNS = ("patient_id", "n_notes", "status", "reasons")  # the patient table's own columns
+INDEX_COLUMNS = ("index_date", "index_date_source")  # the patient table's, when the job uses an index date
+# Fields that do not decide a note's answers (roll-up only), or are left out while at their default so that a job
+# written before they existed keeps its fingerprint (and its runs keep resuming).
+ROLLUP_ONLY_FIELDS = {"lookback", "lookahead"}
+NEW_DEFAULT_FIELDS = {"choices": [], "synonyms": {}}
+
+
+def _decisive(question: QuestionSpec) -> dict:
+    dumped = question.model_dump(exclude=ROLLUP_ONLY_FIELDS)
+    return {k: v for k, v in dumped.items() if not (k in NEW_DEFAULT_FIELDS and v == NEW_DEFAULT_FIELDS[k])}
 
 
 def direct_question_for(criterion: CriterionSpec) -> QuestionSpec:

@@ -15,7 +15,10 @@ SYSTEM_PROMPT = (
     "negated ('no AF', 'denies'), not ruled out, not hypothetical. If the note does not say, answer "
     "not_in_note (yes/no questions) or a null value (numbers) with empty evidence.\n"
     'Yes/no questions: {"evidence": "<exact quote or empty>", "answer": "yes" | "no" | "not_in_note"}\n'
-    'Number questions: {"evidence": "<exact quote or empty>", "value": "<number as written>" | null, "unit": "<unit>" | null}'
+    'Number questions: {"evidence": "<exact quote or empty>", "value": "<number as written>" | null, "unit": "<unit>" | null}\n'
+    'Date questions: {"evidence": "<exact quote or empty>", "phrase": "<the date as the quote writes it>" | null, '
+    '"date": "<YYYY-MM-DD, relative dates counted from the note date>" | null}\n'
+    'Choice questions: {"evidence": "<exact quote or empty>", "choice": "<one of the choices>" | null}'
 )
 NOTE_HEADER = "NOTE:\n"
 QUESTION_HEADER = "\n\nQUESTION: "
@@ -30,6 +33,14 @@ def render_messages(note_text: str, question: PlannedQuestion, hint: str = "") -
 
 
 def unit_hint(question: PlannedQuestion) -> str:
+    """What the answer may be, after the question: the units of a number, the choices of a choice question."""
+    if question.spec.type == "categorical":
+        return f" (choices: {' or '.join(question.spec.choices)})"
     if question.spec.type != "numeric":
         return ""
     return f" (unit: {' or '.join(question.spec.units)})"
+
+
+def note_date_hint(charttime) -> str:
+    """A date question's hint: the note's date, which relative dates ("2 weeks ago") count from."""
+    return f"Note date: {charttime:%Y-%m-%d}" if charttime is not None else "Note date: not given"

@@ -10,6 +10,8 @@ from engine.plan import Plan
 NOT_IN_NOTE = {
     "yes_no": json.dumps({"evidence": "", "answer": "not_in_note"}),
     "numeric": json.dumps({"evidence": "", "value": None, "unit": None}),
+    "date": json.dumps({"evidence": "", "phrase": None, "date": None}),
+    "categorical": json.dumps({"evidence": "", "choice": None}),
 }
 
 

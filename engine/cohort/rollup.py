@@ -9,8 +9,17 @@ Per-note value of an answer row:
     else unknown; any other status (error, ...) -> unknown.
   * numeric: `answered` -> value_num converted to the canonical unit and capped (engine.cohort.units); an unknown
     unit or a non-finite number -> unknown. `not_in_note` and errors -> unknown.
+  * date: `answered` -> value_date (ranked as days since 1970-01-01: max is the most recent). categorical:
+    `answered` -> value_text when it is one of the question's choices (ranked by their order: max is the last
+    listed), else unknown.
 Roll-ups (NULL = unknown): `any` Kleene OR, `all` Kleene AND, `max`/`min` over known values, `latest` the
 known value of the latest note by charttime (notes without a charttime count as oldest).
+
+Windows (engine.cohort.windows): a question with `lookback`/`lookahead` counts only the rows of notes whose charttime
+falls in its window around the patient's index date (`index_date`, `index_date_source` in the patient table); rows
+of undated notes count and are counted (`<question>__undated_notes`), rows outside are counted
+(`<question>__notes_outside_window`) and left out (for an absent: "no" question rolled up with any they say "no":
+nothing documented in the window); with the index date unknown, the question's values are unknown.
 
 Trust. An answered row is trusted unless (job `review.require_grounded_evidence`) its evidence quote was not
 found in the note (`exact`, or `fuzzy` with `accept_fuzzy`, count as found), or (job
@@ -41,6 +50,7 @@ from engine.job import JobSpec, QuestionSpec
 from engine.stages.generate import CUE_MODEL_NAME
 from engine.cohort.sql import SAFE_IDENTIFIER, quoted, sandbox
 from engine.cohort.units import conversion_factor
+from engine.cohort.windows import OUTSIDE, UNDATED, interval_sql, read_index_table, window_columns
 
 PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
 
@@ -72,15 +82,33 @@ def patient_schema(job: JobSpec, structured_types: Mapping[str, pa.DataType] | N
     """
     types = dict(structured_types or {})
     fields = [pa.field("patient_id", pa.string()), pa.field("n_notes", pa.int64())]
-    fields += [pa.field(name, types.get(name, pa.null())) for name in job.input.structured]
+    fields += [pa.field(name, types.get(name, pa.null())) for name in _structured_columns(job)]
+    if job.uses_index_date:
+        fields += [pa.field("index_date", pa.date32()), pa.field("index_date_source", pa.string())]
     for q in job.questions:
-        fields.append(pa.field(q.id, pa.bool_() if q.type == "yes_no" else pa.float64()))
+        fields.append(pa.field(q.id, VALUE_TYPES[q.type]))
         fields += [pa.field(f"{q.id}__note_id", pa.string()), pa.field(f"{q.id}__evidence", pa.string())]
+        fields += [pa.field(name, pa.int64()) for name in window_columns(q)]
         if job.review.require_grounded_evidence:
             fields.append(pa.field(f"{q.id}__ungrounded", pa.bool_()))
         if job.review.require_verified_answers:
             fields.append(pa.field(f"{q.id}__unverified", pa.bool_()))
     return pa.schema(fields)
+
+
+VALUE_TYPES = {"yes_no": pa.bool_(), "numeric": pa.float64(), "date": pa.date32(), "categorical": pa.string()}
+EPOCH = "DATE '1970-01-01'"
+
+
+def _structured_columns(job: JobSpec) -> list[str]:
+    """The structured columns the patient table carries as they are (an index column named index_date becomes the
+    computed `index_date`)."""
+    return [s for s in job.input.structured if not (job.uses_index_date and s in ("index_date", "index_date_source"))]
+
+
+def needs_sql(job: JobSpec) -> bool:
+    """Whether only the SQL roll-up handles the job: an index date from a structured column (read as DuckDB casts it)."""
+    return job.index is not None and job.index.column is not None
 
 
 def rollup_answers(answers, job: JobSpec) -> pa.Table:
@@ -94,7 +122,7 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
     from engine.cohort.columnar import columnar_rollup
 
     _question_table(job)  # refuses a roll-up the question type cannot have
-    if all(name in answers.schema.names for name in job.input.structured):
+    if not needs_sql(job) and all(name in answers.schema.names for name in job.input.structured):
         table = columnar_rollup(answers, job, _schema_for(answers, job), list(ROLLUP_COLUMNS))
         if table is not None:  # the engine's own layout: segment maxima, same result (engine.cohort.columnar)
             return table
@@ -109,8 +137,11 @@ def rollup_sql(answers, job: JobSpec) -> pa.Table:
     schema = _schema_for(answers, job)
     con.register("questions", _question_table(job))
     con.register("units", _unit_table(con, job))
+    index_table = read_index_table(job)
+    if index_table is not None:
+        con.register("index_table", index_table)
     con.sql(f"CREATE TEMP TABLE patients AS {_patients_sql(job)}")
-    patients = con.sql("SELECT * EXCLUDE (pidx) FROM patients ORDER BY pidx").to_arrow_table()
+    patients = con.sql("SELECT * EXCLUDE (pidx, __index) FROM patients ORDER BY pidx").to_arrow_table()
     parts = [_rollup_range(con, job, first, last) for first, last in _patient_ranges(patients.num_rows, _rows(answers))]
     if not parts:
         return schema.empty_table()
@@ -141,7 +172,32 @@ def _rollup_range(con: duckdb.DuckDBPyConnection, job: JobSpec, first: int, last
                             [first, last]).fetchone()
     winners = con.execute(_winners_sql(), [low, high]).fetch_arrow_table()
     winners = winners.set_column(0, "pidx", pc.subtract(winners["pidx"], first))
-    return _pivot(winners, last - first + 1, job)
+    columns = _pivot(winners, last - first + 1, job)
+    if any(q.windowed for q in job.questions):
+        counts = con.execute(_window_counts_sql(), [low, high]).fetch_arrow_table()
+        counts = counts.set_column(0, "pidx", pc.subtract(counts["pidx"], first))
+        columns.update(_pivot_window_counts(counts, last - first + 1, job))
+    return columns
+
+
+def _window_counts_sql() -> str:
+    """Per (patient, windowed question): the notes its window left out and the undated notes it counted."""
+    return f"""
+SELECT p.pidx, r.qidx, count(*) FILTER (WHERE r.in_window IS FALSE) AS outside,
+       count(*) FILTER (WHERE r.charttime IS NULL) AS undated
+FROM ({_row_values_sql()}) r JOIN patients p USING (patient_id) WHERE r.windowed GROUP BY ALL"""
+
+
+def _pivot_window_counts(counts: pa.Table, n_patients: int, job: JobSpec) -> dict[str, pa.Array]:
+    n_questions = len(job.questions)
+    columns: dict[str, pa.Array] = {}
+    for name in ("outside", "undated"):
+        grid = np.zeros(n_patients * n_questions, dtype=np.int64)
+        grid[counts["pidx"].to_numpy() * n_questions + counts["qidx"].to_numpy()] = counts[name].to_numpy()
+        for k, q in enumerate(job.questions):
+            if q.windowed:
+                columns[f"{q.id}{OUTSIDE if name == 'outside' else UNDATED}"] = pa.chunked_array([grid[k::n_questions]])
+    return columns
 
 
 def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpec) -> None:
@@ -151,8 +207,9 @@ def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpe
     """
     grounded = job.review.require_grounded_evidence
     optional = {"charttime": "NULL::TIMESTAMP", "verified": "NULL::BOOLEAN", "model": "NULL::VARCHAR",
+                "value_date": "NULL::DATE", "value_text": "NULL::VARCHAR",  # answers written before date questions
                 **({} if grounded else {"grounding": "NULL::VARCHAR"})}
-    needed = [*ROLLUP_COLUMNS, "grounding", "verified", "model", *job.input.structured]
+    needed = [*ROLLUP_COLUMNS, "value_date", "value_text", "grounding", "verified", "model", *job.input.structured]
     missing = [name for name in needed if name not in schema.names and name not in optional]
     if missing:
         raise ValueError(f"answers table lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
@@ -169,7 +226,7 @@ def _answers_view(con: duckdb.DuckDBPyConnection, schema: pa.Schema, job: JobSpe
 def _question_table(job: JobSpec) -> pa.Table:
     """The questions as a small table: id, type, roll-up, whether not_in_note means False, cap."""
     for q in job.questions:
-        if q.type == "numeric" and q.effective_rollup in ("any", "all"):
+        if q.type != "yes_no" and q.effective_rollup in ("any", "all"):
             raise ValueError(f"question {q.id!r}: roll-up {q.effective_rollup!r} is for yes_no questions; "
                              "use max, min or latest")
     return pa.table({
@@ -179,6 +236,10 @@ def _question_table(job: JobSpec) -> pa.Table:
         "absent_no": [q.type == "yes_no" and q.absent == "no" for q in job.questions],
         "qidx": pa.array(range(len(job.questions)), pa.int64()),
         "cap": pa.array([q.cap for q in job.questions], pa.float64()),
+        "choices": pa.array([q.choices for q in job.questions], pa.list_(pa.string())),
+        "windowed": [q.windowed for q in job.questions],
+        "lookback": pa.array([interval_sql(q.lookback) for q in job.questions], pa.string()),
+        "lookahead": pa.array([interval_sql(q.lookahead or ("0d" if q.windowed else None)) for q in job.questions], pa.string()),
     })
 
 
@@ -204,7 +265,7 @@ def _winners_sql() -> str:
     gives the same NULLs as no row); any/all keep them, an unknown ranks between TRUE and FALSE there.
     """
     return f"""
-WITH rows AS ({_row_values_sql()}),
+WITH rows AS (SELECT * FROM ({_row_values_sql()}) WHERE in_window IS NOT FALSE OR says_no),
 won AS (SELECT patient_id, qidx, arg_max(struct_pack(vb, vn, sv, trusted, grounded, verified, note_id, evidence),
                                           {_WINNER_KEY}) AS w
         FROM rows WHERE sv IS NOT NULL OR rollup IN ('any', 'all') GROUP BY ALL)
@@ -230,7 +291,7 @@ def _pivot(winners: pa.Table, n_patients: int, job: JobSpec) -> dict[str, pa.Arr
         picks = slots[k::n_questions]
         index = pa.array(picks, mask=picks < 0)
         value = "vb" if q.type == "yes_no" else "vn"
-        columns[q.id] = winners[value].take(index)
+        columns[q.id] = _typed(winners[value].take(index), q)
         columns[f"{q.id}__note_id"] = winners["note_id"].take(index)
         columns[f"{q.id}__evidence"] = winners["evidence"].take(index)
         if job.review.require_grounded_evidence:
@@ -240,11 +301,35 @@ def _pivot(winners: pa.Table, n_patients: int, job: JobSpec) -> dict[str, pa.Arr
     return columns
 
 
+def _typed(ranked: pa.Array, question: QuestionSpec) -> pa.Array:
+    """A winner's value as the patient table types it: a date from its day number, a choice from its position."""
+    if question.type == "date":
+        return pc.cast(pc.cast(ranked, pa.int32()), pa.date32())
+    if question.type == "categorical":
+        return pa.chunked_array([pa.array(question.choices, pa.string()).take(pc.cast(ranked, pa.int64()))])
+    return ranked
+
+
 def _row_values_sql() -> str:
-    """Each answer row with its per-note value: vb (yes_no), vn (numeric, canonical), sv (sortable)."""
+    """Each answer row with its per-note value: vb (yes_no), vn (numeric, canonical; date: day number; categorical:
+    position among the choices), sv (sortable), and whether its note is in the question's window (in_window: TRUE
+    without a window or without a charttime, NULL when the patient's index date is unknown). A row outside its window
+    says nothing: it is left out, except that it says "no" for an absent: "no" question rolled up with any (nothing
+    documented in the window), so that a patient none of whose notes fall in the window is "no" there and unknown for
+    the other questions."""
     return f"""
-  SELECT *, coalesce(vn, vb::DOUBLE) AS sv, grounded AND verified AS trusted FROM (
-    SELECT a.patient_id, a.note_id, q.qidx, a.charttime, a.evidence, q.rollup,
+  SELECT * EXCLUDE (vb, vn, answered, evidence, grounded, verified), CASE WHEN in_window THEN vb WHEN NOT in_window AND says_no THEN FALSE END AS vb,
+         CASE WHEN in_window THEN vn END AS vn, CASE WHEN in_window THEN evidence END AS evidence,
+         CASE WHEN in_window THEN coalesce(vn, vb::DOUBLE) WHEN NOT in_window AND says_no THEN 0 END AS sv,
+         answered AND in_window IS TRUE AS answered, grounded OR in_window IS FALSE AS grounded,
+         verified OR in_window IS FALSE AS verified, (grounded AND verified) OR in_window IS FALSE AS trusted FROM (
+    SELECT a.patient_id, a.note_id, q.qidx, a.charttime, a.evidence, q.rollup, q.windowed,
+           q.absent_no AND q.rollup = 'any' AS says_no,
+           CASE WHEN NOT q.windowed OR a.charttime IS NULL THEN TRUE
+                WHEN ix.__index IS NULL THEN NULL
+                ELSE a.charttime::DATE BETWEEN
+                     CASE WHEN q.lookback IS NULL THEN DATE '0001-01-01' ELSE (ix.__index - CAST(q.lookback AS INTERVAL))::DATE END
+                     AND (ix.__index + CAST(q.lookahead AS INTERVAL))::DATE END AS in_window,
            coalesce(a.status = 'answered', FALSE) AS answered,
            CASE WHEN NOT g.required OR a.status IS DISTINCT FROM 'answered' THEN TRUE
                 ELSE coalesce(list_contains(g.accepted, a.grounding), FALSE) END AS grounded,
@@ -255,9 +340,13 @@ def _row_values_sql() -> str:
                WHEN a.status = 'not_in_note' AND q.absent_no THEN FALSE END END AS vb,
            CASE WHEN q.qtype = 'numeric' AND a.status = 'answered' AND isfinite(a.value_num) THEN
                CASE WHEN q.cap IS NOT NULL AND a.value_num * u.factor > q.cap THEN q.cap
-                    ELSE a.value_num * u.factor END END AS vn
+                    ELSE a.value_num * u.factor END
+                WHEN q.qtype = 'date' AND a.status = 'answered' THEN date_diff('day', {EPOCH}, a.value_date)::DOUBLE
+                WHEN q.qtype = 'categorical' AND a.status = 'answered' THEN
+                    nullif(list_position(q.choices, a.value_text), 0)::DOUBLE - 1 END AS vn
     FROM answers a
     JOIN questions q ON q.question_id = a.question_id
+    LEFT JOIN patients ix ON ix.patient_id = a.patient_id
     CROSS JOIN grounding_rule g
     LEFT JOIN units u ON u.question_id = a.question_id AND u.unit_key = coalesce(a.unit, '')
     WHERE a.patient_id BETWEEN $1 AND $2)"""
@@ -273,7 +362,29 @@ def _patients_sql(job: JobSpec) -> str:
     columns = [quoted(c) for c in job.input.structured]
     per_note = "".join(f", any_value({c}) AS {c}" for c in columns)
     latest = "".join(f", first({c} {pick}) FILTER (WHERE {c} IS NOT NULL) AS {c}" for c in columns)
-    return f"""
+    if not job.uses_index_date:
+        return f"""
 WITH notes AS (SELECT patient_id, note_id, any_value(charttime) AS charttime{per_note} FROM answers GROUP BY ALL)
-SELECT (row_number() OVER (ORDER BY patient_id) - 1)::BIGINT AS pidx, patient_id, count(*)::BIGINT AS n_notes{latest}
+SELECT (row_number() OVER (ORDER BY patient_id) - 1)::BIGINT AS pidx, patient_id, count(*)::BIGINT AS n_notes{latest},
+       NULL::DATE AS __index
 FROM notes GROUP BY patient_id"""
+    keep = "".join(f", {quoted(c)}" for c in _structured_columns(job))
+    spec = job.index
+    if spec is not None and spec.column:
+        c = quoted(spec.column)
+        given, source = f"first(TRY_CAST({c} AS DATE) {pick}) FILTER (WHERE TRY_CAST({c} AS DATE) IS NOT NULL)", "column"
+    elif spec is not None and spec.uri:
+        given, source = "any_value(t.index_date)", "table"
+    else:
+        given, source = "NULL::DATE", None
+    fallback = "max(charttime)::DATE" if spec is None or spec.missing == "latest_note" else "NULL::DATE"
+    join = "LEFT JOIN index_table t USING (patient_id)" if spec is not None and spec.uri else ""
+    return f"""
+WITH notes AS (SELECT patient_id, note_id, any_value(charttime) AS charttime{per_note} FROM answers GROUP BY ALL),
+per_patient AS (
+  SELECT patient_id, count(*)::BIGINT AS n_notes{latest}, {given} AS given, {fallback} AS fallback
+  FROM notes {join} GROUP BY patient_id)
+SELECT (row_number() OVER (ORDER BY patient_id) - 1)::BIGINT AS pidx, patient_id, n_notes{keep},
+       coalesce(given, fallback) AS index_date, coalesce(given, fallback) AS __index,
+       CASE WHEN given IS NOT NULL THEN '{source}' WHEN fallback IS NOT NULL THEN 'latest_note' END AS index_date_source
+FROM per_patient"""

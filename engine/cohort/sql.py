@@ -1,6 +1,6 @@
 """The SQL that rules and roll-up run on: one sandboxed DuckDB connection and one check for identifiers.
 
-Rules are user-written SQL expressions; they are parsed and bound by DuckDB, never run as Python, and only in a
+Rules are user-written SQL expressions (with the engine's own `days_between(a, b)`, the days from date a to date b); they are parsed and bound by DuckDB, never run as Python, and only in a
 connection that cannot read or write files, load extensions or change its own settings. Identifiers from the job
 (question, derived, criterion and structured column ids, and the engine's `<id>__<suffix>` columns) are written
 into SQL only after `identifier` has checked them again, whatever the job model already enforced.
@@ -23,7 +23,19 @@ def sandbox() -> duckdb.DuckDBPyConnection:
     })
     con.execute("SET enable_progress_bar = false")  # a session option: set before the lock
     con.execute("SET lock_configuration = true")
+    for macro in MACROS:
+        con.execute(macro)
     return con
+
+
+# Functions for rules, beside DuckDB's own. NULL in, NULL out: a missing date is unknown, not false.
+MACROS = (
+    # days_between(stroke_date, index_date) <= 30: days from the first date to the second (negative when the first
+    # is later); dates, timestamps or ISO text, compared by calendar day. Text that is no date is unknown (TRY_CAST):
+    # one patient's bad value must not stop the rules of all the others.
+    "CREATE MACRO days_between(first_date, second_date) AS "
+    "date_diff('day', TRY_CAST(first_date AS DATE), TRY_CAST(second_date AS DATE))",
+)
 
 
 def identifier(name: str) -> str:

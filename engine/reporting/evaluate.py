@@ -47,6 +47,12 @@ DEFINITIONS = {
     "say 'not in note'. Errors and unconvertible units are wrong.",
     "not_in_note_precision": "numeric: of the notes predicted 'not in note', the share whose gold is 'not in note'.",
     "not_in_note_recall": "numeric: of the notes whose gold is 'not in note', the share predicted 'not in note'.",
+    "date_accuracy": "date: share of notes where the predicted date is within the question's tolerance (days) of the "
+    "gold date, or both say 'not in note' (accuracy, not-in-note precision and recall as for numbers). Gold dates: "
+    "the labels' value_date column.",
+    "categorical": "categorical: accuracy is the share of notes whose predicted choice equals the gold choice, or both "
+    "say 'not in note'; F1 per choice over notes (one-vs-rest; 'not in note' is no choice) and macro-F1, their mean "
+    "over the choices that gold or prediction hold. Gold choices: the labels' value_text column.",
     "agreement": "criterion: share of patients whose met / not_met / unknown state after rules equals the gold state.",
     "criterion_balanced_accuracy": "criterion: balanced accuracy of 'met' vs 'not met' (not_met or unknown).",
 }
@@ -99,6 +105,7 @@ class _Item:
     counts: dict[str, np.ndarray]
     errors: int | None = None
     detail: str = ""
+    metrics: list | None = None  # (name, denominator key, function) when not the kind's METRICS (categorical)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -127,10 +134,10 @@ def match_labels(answers: pa.Table, labels: pa.Table, job: JobSpec) -> tuple[pa.
     in_notes = pc.is_in(labels["note_id"], value_set=pc.unique(answers["note_id"]))
     known = pc.is_in(labels["question_id"], value_set=asked)
     kept = labels.filter(pc.and_(in_notes, known))
-    columns = ["note_id", "question_id", "status", "value_bool", "value_num", "unit"]
+    columns = ["note_id", "question_id", "status", "value_bool", "value_num", "unit", "value_date", "value_text"]
     predicted = answers.select([c for c in columns if c in answers.column_names])
     predicted = predicted.rename_columns([c if c in ("note_id", "question_id") else f"pred_{c}" for c in predicted.column_names])
-    gold = kept.select([c for c in (*LABEL_COLUMNS, "unit") if c in kept.column_names])
+    gold = kept.select([c for c in (*LABEL_COLUMNS, "unit", "value_date", "value_text") if c in kept.column_names])
     matched = gold.join(predicted, ["note_id", "question_id"], join_type="inner")
     matched = matched.sort_by([("question_id", "ascending"), ("note_id", "ascending")])
     unmatched = {
@@ -142,7 +149,7 @@ def match_labels(answers: pa.Table, labels: pa.Table, job: JobSpec) -> tuple[pa.
 
 
 _TYPES = {"note_id": pa.string(), "question_id": pa.string(), "status": pa.string(), "value_bool": pa.bool_(),
-          "value_num": pa.float64(), "unit": pa.string()}
+          "value_num": pa.float64(), "unit": pa.string(), "value_date": pa.date32(), "value_text": pa.string()}
 
 
 def _typed(table: pa.Table, what: str) -> pa.Table:
@@ -206,6 +213,56 @@ def numeric_counts(question: QuestionSpec, gold: list[tuple], predicted: list[tu
             "pred_nin": pred_nin * 1.0, "both_nin": (gold_nin & pred_nin) * 1.0, "error": np.array(error, dtype=float)}
 
 
+def date_counts(question: QuestionSpec, gold: list, predicted: list[tuple]) -> dict[str, np.ndarray]:
+    """Per note, as numeric_counts: gold a date or None; predicted (status, date)."""
+    correct, gold_nin, pred_nin, error = [], [], [], []
+    for g, (status, p) in zip(gold, predicted, strict=True):
+        correct.append((g is None and status == "not_in_note")
+                       or (g is not None and status == "answered" and p is not None
+                           and abs((p - g).days) <= question.tolerance))
+        gold_nin.append(g is None)
+        pred_nin.append(status == "not_in_note")
+        error.append(status not in ("answered", "not_in_note"))
+    gold_nin, pred_nin = np.array(gold_nin, dtype=bool), np.array(pred_nin, dtype=bool)
+    return {"n": np.ones(len(gold)), "correct": np.array(correct, dtype=float), "gold_nin": gold_nin * 1.0,
+            "pred_nin": pred_nin * 1.0, "both_nin": (gold_nin & pred_nin) * 1.0, "error": np.array(error, dtype=float)}
+
+
+def categorical_counts(question: QuestionSpec, gold: list[str | None], predicted: list[tuple]) -> dict[str, np.ndarray]:
+    """Per note: correct, error, and per choice c `gold:c`, `pred:c`, `tp:c` (one-vs-rest). A gold label that is
+    not one of the question's choices is refused."""
+    unknown = sorted({g for g in gold if g is not None and g not in question.choices})
+    if unknown:
+        raise EngineError(f"labels: {question.id}: {', '.join(map(repr, unknown))} not among the choices "
+                          f"({', '.join(question.choices)}); fix the label or the job's choices")
+    said = [p if s == "answered" else None for s, p in predicted]
+    statuses = [s for s, _ in predicted]
+    counts = {"n": np.ones(len(gold)),
+              "correct": np.array([(g is None and s == "not_in_note") or (g is not None and g == p)
+                                   for g, p, s in zip(gold, said, statuses, strict=True)], dtype=float),
+              "error": np.array([s not in ("answered", "not_in_note") for s in statuses], dtype=float)}
+    for c in question.choices:
+        g = np.array([x == c for x in gold])
+        p = np.array([x == c for x in said])
+        counts[f"gold:{c}"], counts[f"pred:{c}"], counts[f"tp:{c}"] = g * 1.0, p * 1.0, (g & p) * 1.0
+    return counts
+
+
+def categorical_metrics(question: QuestionSpec) -> list:
+    """accuracy, F1 of each choice, macro-F1 over the choices present in gold or prediction."""
+    def f1(c):
+        return lambda s: ratio(2 * np.asarray(s[f"tp:{c}"]), np.asarray(s[f"gold:{c}"]) + np.asarray(s[f"pred:{c}"]))
+
+    def macro(s):
+        per = np.stack([np.asarray(f1(c)(s), dtype=float) for c in question.choices])
+        defined = ~np.isnan(per)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(defined.any(axis=0), np.nansum(per, axis=0) / np.maximum(defined.sum(axis=0), 1), np.nan)
+
+    return ([("accuracy", "n", lambda s: ratio(s["correct"], s["n"])), ("macro_f1", "n", macro)]
+            + [(f"f1:{c}", f"gold:{c}", f1(c)) for c in question.choices])
+
+
 def criterion_counts(gold: list[str | None], predicted: list[str | None]) -> dict[str, np.ndarray]:
     """Per patient: agree (same state), and met-vs-not counts for balanced accuracy."""
     g, p = np.array(gold, dtype=object), np.array(predicted, dtype=object)
@@ -235,6 +292,9 @@ METRICS = {  # kind -> (metric name, counts key of its denominator, function of 
     "numeric": [("accuracy", "n", lambda s: ratio(s["correct"], s["n"])),
                 ("not_in_note_precision", "pred_nin", lambda s: ratio(s["both_nin"], s["pred_nin"])),
                 ("not_in_note_recall", "gold_nin", lambda s: ratio(s["both_nin"], s["gold_nin"]))],
+    "date": [("accuracy", "n", lambda s: ratio(s["correct"], s["n"])),
+             ("not_in_note_precision", "pred_nin", lambda s: ratio(s["both_nin"], s["pred_nin"])),
+             ("not_in_note_recall", "gold_nin", lambda s: ratio(s["both_nin"], s["gold_nin"]))],
     "criterion": [("agreement", "n", lambda s: ratio(s["agree"], s["n"])),
                   ("balanced_accuracy", "n", balanced_accuracy)],
 }
@@ -275,7 +335,7 @@ def _score(items: list[_Item], draws: int, seed: int) -> tuple[list[dict], dict[
         columns = [j for j, (owner, _) in enumerate(keys) if owner == i]
         total = {keys[j][1]: point[j] for j in columns}
         boot = {keys[j][1]: sampled[:, j] for j in columns}
-        for name, denominator, metric in METRICS[item.kind]:
+        for name, denominator, metric in item.metrics or METRICS[item.kind]:
             value, per_draw = float(metric(total)), metric(boot)
             scored.setdefault(name, {})[item.id] = {"value": value, "draws": per_draw, "total": total, "boot": boot}
             low, high = interval(per_draw)
@@ -324,7 +384,9 @@ def evaluate(job: JobSpec, answers: pa.Table, labels: pa.Table, criteria_labels:
     yes_no = {k: v for k, v in scored.get("balanced_accuracy", {}).items() if job.question(k).type == "yes_no"}
     overall = _mean_row("yes_no", "mean_balanced_accuracy", yes_no, len(notes), "yes/no questions")
     overall += _pooled_f1_row(scored.get("f1_yes", {}), len(notes))
-    overall += _mean_row("numeric", "mean_accuracy", scored.get("accuracy", {}), len(notes), "numeric questions")
+    for kind, what in (("numeric", "numeric questions"), ("date", "date questions"), ("categorical", "categorical questions")):
+        accuracy = {k: v for k, v in scored.get("accuracy", {}).items() if job.question(k).type == kind}
+        overall += _mean_row(kind, "mean_accuracy", accuracy, len(notes), what)
     evaluation = Evaluation(table=pa.table({}), labels=labels.num_rows, matched=matched.num_rows, notes=len(notes),
                             unmatched=unmatched, draws=draws, seed=seed)
     if criteria_labels is not None:
@@ -348,9 +410,20 @@ def question_items(job: JobSpec, matched: pa.Table, notes: pa.Array) -> list[_It
         at = pc.index_in(rows["note_id"], value_set=notes).to_numpy()
         column = rows.column
         status = column("pred_status").to_pylist()
+        metrics = None
         if question.type == "yes_no":
             counts = yes_no_counts(column("value_bool").to_pylist(), status, column("pred_value_bool").to_pylist(), question.absent)
             detail = f"gold yes {int(counts['pos'].sum())}, no {int(counts['neg'].sum())}"
+        elif question.type == "date":
+            gold = _column_or_nulls(rows, "value_date")
+            counts = date_counts(question, gold, list(zip(status, _column_or_nulls(rows, "pred_value_date"))))
+            detail = (f"gold date {int(rows.num_rows - counts['gold_nin'].sum())}, not in note {int(counts['gold_nin'].sum())}; "
+                      f"tolerance {question.tolerance:g} days")
+        elif question.type == "categorical":
+            gold = _column_or_nulls(rows, "value_text")
+            counts = categorical_counts(question, gold, list(zip(status, _column_or_nulls(rows, "pred_value_text"))))
+            metrics = categorical_metrics(question)
+            detail = "gold " + ", ".join(f"{c} {int(counts[f'gold:{c}'].sum())}" for c in question.choices)
         else:
             gold_units = column("unit").to_pylist() if "unit" in rows.column_names else [None] * rows.num_rows
             counts = numeric_counts(question, list(zip(column("value_num").to_pylist(), gold_units)),
@@ -361,8 +434,12 @@ def question_items(job: JobSpec, matched: pa.Table, notes: pa.Array) -> list[_It
         for key, values in counts.items():
             spread[key] = np.zeros(len(notes))
             spread[key][at] = values
-        items.append(_Item("question", question.id, question.type, spread, int(counts["error"].sum()), detail))
+        items.append(_Item("question", question.id, question.type, spread, int(counts["error"].sum()), detail, metrics))
     return items
+
+
+def _column_or_nulls(rows: pa.Table, name: str) -> list:
+    return rows[name].to_pylist() if name in rows.column_names else [None] * rows.num_rows
 
 
 def criterion_items(job: JobSpec, answers: pa.Table, criteria_labels: pa.Table) -> tuple[list[_Item], int, int]:
@@ -398,7 +475,7 @@ METRIC_NAMES = {
     "balanced_accuracy": "balanced accuracy", "f1_yes": "F1 (yes)", "accuracy": "accuracy",
     "not_in_note_precision": "not-in-note precision", "not_in_note_recall": "not-in-note recall",
     "agreement": "agreement", "mean_balanced_accuracy": "mean balanced accuracy", "micro_f1_yes": "micro-F1 (yes)",
-    "mean_accuracy": "mean accuracy", "mean_agreement": "mean agreement",
+    "mean_accuracy": "mean accuracy", "mean_agreement": "mean agreement", "macro_f1": "macro-F1",
 }
 
 
@@ -410,7 +487,11 @@ def fmt_interval(low, high) -> str:
     return "-" if any(v is None or math.isnan(v) for v in (low, high)) else f"{low:.3f}-{high:.3f}"
 
 
-KIND_NAMES = {"yes_no": "yes/no", "numeric": "numeric", "criterion": "criteria"}
+KIND_NAMES = {"yes_no": "yes/no", "numeric": "numeric", "date": "date", "categorical": "categorical", "criterion": "criteria"}
+
+
+def _metric_name(metric: str) -> str:
+    return f"F1 ({metric[3:]})" if metric.startswith("f1:") else METRIC_NAMES.get(metric, metric)
 
 
 def overall_line(evaluation: Evaluation) -> str:
@@ -444,7 +525,7 @@ def to_markdown(evaluation: Evaluation, job: JobSpec, predictions: str = "", lab
               "| Question / criterion | Type | n | Metric | Value | 95% CI | Errors |", "|---|---|---:|---|---:|---|---:|"]
     for r in evaluation.table.to_pylist():
         lines.append(f"| {r['id'] if r['scope'] != 'overall' else '**overall**'} | {r['kind']} | {r['n']} | "
-                     f"{METRIC_NAMES.get(r['metric'], r['metric'])} | {fmt(r['value'])} | "
+                     f"{_metric_name(r['metric'])} | {fmt(r['value'])} | "
                      f"{fmt_interval(r['ci_low'], r['ci_high'])} | {'' if r['errors'] is None else r['errors']} |")
     lines += ["", "Definitions:", ""] + [f"- **{METRIC_NAMES.get(k, k.replace('_', ' '))}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"

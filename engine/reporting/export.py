@@ -75,7 +75,7 @@ FROM answers WHERE status = '{EXPORTED_STATUS}'"""
 
 _NOTE_NLP_SQL = f"""
 WITH exported AS (
-    SELECT a.note_id, a.question_id, a.status, a.value_bool, a.value_num, a.unit, nullif(a.evidence, '') AS evidence,
+    SELECT a.note_id, a.question_id, a.status, a.value_bool, a.value_num, a.unit, {{dated}}, nullif(a.evidence, '') AS evidence,
            a.evidence_start, a.grounding, a.route, a.model, nullif(a.cue_flags, '') AS cue_flags, a.shard_id,
            a.row_number, q.ordinal, q.concept_id, string_split(coalesce(a.cue_flags, ''), ',') AS flags
     FROM answers AS a JOIN questions AS q USING (question_id)
@@ -96,7 +96,10 @@ SELECT row_number() OVER (ORDER BY CAST(note_id AS BIGINT), ordinal, shard_id, r
        CASE WHEN list_contains(flags, 'historical') THEN 'historical' END AS term_temporal,
        left(concat_ws(';', 'question=' || question_id,
                       'value=' || CASE WHEN value_bool IS NOT NULL THEN CASE WHEN value_bool THEN 'yes' ELSE 'no' END
-                                       WHEN value_num IS NOT NULL THEN printf('%.15g', value_num) END,
+                                       WHEN value_num IS NOT NULL THEN printf('%.15g', value_num)
+                                       WHEN value_date IS NOT NULL THEN strftime(value_date, '%Y-%m-%d')
+                                       ELSE value_text END,
+                      'phrase=' || CASE WHEN value_date IS NOT NULL THEN replace(value_text, ';', ',') END,
                       'unit=' || unit, 'status=' || status, 'grounding=' || grounding, 'route=' || route,
                       'flags=' || cue_flags), 2000) AS term_modifiers
 FROM exported
@@ -117,7 +120,9 @@ def note_nlp_table(answers: Answers, job: JobSpec, processed_at: datetime | None
         "concept_id": pa.array([q.concept_id for q in job.questions], pa.int32()),
     }))
     _check(query_dicts(con, _CHECK_SQL)[0], job)
-    result = con.execute(_NOTE_NLP_SQL, {"system": f"engine {__version__} {job.name} ", "model": job.model.name,
+    names = answers.schema.names  # answers written before date and categorical questions lack their columns
+    dated = ", ".join(f"a.{c}" if c in names else f"NULL::{t} AS {c}" for c, t in (("value_date", "DATE"), ("value_text", "VARCHAR")))
+    result = con.execute(_NOTE_NLP_SQL.replace("{dated}", dated), {"system": f"engine {__version__} {job.name} ", "model": job.model.name,
                                          "processed": processed}).fetch_arrow_table()
     return pa.Table.from_arrays([result[f.name].cast(f.type) for f in NOTE_NLP_SCHEMA], schema=NOTE_NLP_SCHEMA)
 

@@ -42,7 +42,8 @@ STATUS_COLOURS = {"eligible": "#009E73", "needs_review": "#E69F00", "excluded": 
 STATUS_LABELS = {"eligible": "eligible", "needs_review": "needs review", "excluded": "excluded"}
 GROUNDING_COLOURS = {"exact": "#009E73", "fuzzy": "#E69F00", "not_found": "#D55E00"}
 GROUNDING_LABELS = {"exact": "quote found verbatim", "fuzzy": "found approximately", "not_found": "not found in the note"}
-EVAL_HEADLINE = {"yes_no": "balanced_accuracy", "numeric": "accuracy", "criterion": "agreement"}
+EVAL_HEADLINE = {"yes_no": "balanced_accuracy", "numeric": "accuracy", "date": "accuracy", "categorical": "accuracy",
+                 "criterion": "agreement"}
 EVAL_COLUMNS = (("question / criterion", ""), ("type", ""), ("n", "num"), ("metric", ""), ("value", "num"),
                 ("95% CI", "num"), ("errors", "num"))
 
@@ -357,7 +358,7 @@ def verification_section(report: dict | None) -> dict | None:
 
 
 def evaluation_section(evaluation: pa.Table, summary: dict) -> dict:
-    from engine.reporting.evaluate import DEFINITIONS, METRIC_NAMES, fmt, fmt_interval
+    from engine.reporting.evaluate import DEFINITIONS, METRIC_NAMES, _metric_name, fmt, fmt_interval
 
     records = evaluation.to_pylist()
     headline = [r for r in records if r["scope"] != "overall" and EVAL_HEADLINE.get(r["kind"]) == r["metric"]]
@@ -368,7 +369,7 @@ def evaluation_section(evaluation: pa.Table, summary: dict) -> dict:
         lines.append(f"Evaluated {summary['generated']}; {summary.get('draws')} bootstrap draws over notes "
                      f"(patients for criteria), seed {summary.get('seed')}.")
     rows = [{"item": "overall" if r["scope"] == "overall" else r["id"], "kind": r["kind"], "n": r["n"],
-             "metric": METRIC_NAMES.get(r["metric"], r["metric"]), "value": fmt(r["value"]),
+             "metric": _metric_name(r["metric"]), "value": fmt(r["value"]),
              "interval": fmt_interval(r["ci_low"], r["ci_high"]), "errors": "" if r["errors"] is None else r["errors"]}
             for r in records]
     return {"lines": [line for line in lines if line], "plot": interval_plot("eval-plot", plot_rows) if plot_rows else None,

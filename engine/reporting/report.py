@@ -78,6 +78,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "model_outputs": model_outputs,
         "schema_valid_rate": round(1 - totals["unparsed"] / model_outputs, 6) if model_outputs else None,
         "cohort": cohort_section(patients, funnel),
+        **_windows(job, patients),
         **_review(job, answers, patients),
         **timing,
     }
@@ -129,7 +130,18 @@ def with_rules_cohort(report: dict | None, job: JobSpec, patients: pa.Table, fun
     report["cohort"] = cohort_section(patients, funnel) | {"rules_applied": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if "verification" in report:  # the answers' counts stay; who is held follows the rules just applied
         report["verification"] = {**report["verification"], **_verification_holds(job, patients)}
+    report.pop("windows", None)  # the windows follow the job just applied (a lookback changed needs only engine rules)
+    report.update(_windows(job, patients))
     return report
+
+
+def _windows(job: JobSpec, patients: pa.Table) -> dict:
+    """report.json's `windows` (engine.cohort.windows.window_summary), only for a job with an index date or windows:
+    per windowed question the notes its window excluded and the undated notes it counted, and the index dates' sources."""
+    from engine.cohort.windows import window_summary
+
+    summary = window_summary(patients, job)
+    return {"windows": summary} if summary is not None else {}
 
 
 def _status_counts(patients: pa.Table) -> dict[str, int]:

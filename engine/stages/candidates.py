@@ -20,10 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.stages.choices import categorical_answer
 from engine.stages.context import Context, contexts
 from engine.stages.cues import LabValue, Match, find_mentions, read_values
+from engine.stages.dates import find_dates
 from engine.job import QuestionSpec
 from engine.plan import Plan, PlannedQuestion
+from engine.prompt import note_date_hint
 from engine.stages import require_columns
 
 REQUIRED_COLUMNS = ("question_id", "text")  # what this stage reads
@@ -74,6 +77,8 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     note_of = texts.indices.to_pylist() if pa.types.is_dictionary(texts.type) else list(range(n))
     notes = texts.dictionary.to_pylist() if pa.types.is_dictionary(texts.type) else texts.to_pylist()
     questions = batch["question_id"].to_pylist()
+    dated = any(q.spec.type == "date" for q in plan.questions) and "charttime" in batch.column_names
+    times = batch["charttime"] if dated else None  # read per note (one scalar each), only for a job with date questions
     rows_by_note: dict[int, list[int]] = {}
     for row in range(n):
         rows_by_note.setdefault(note_of[row], []).append(row)
@@ -81,16 +86,19 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
     for note, rows in rows_by_note.items():
         live = [r for r in rows if not failed[r]]
         if live:
-            assessed = assess_note(notes[note] or "", [plan.by_id[questions[r]] for r in live], plan)
+            charttime = times[live[0]].as_py() if times is not None else None
+            assessed = assess_note(notes[note] or "", [plan.by_id[questions[r]] for r in live], plan, charttime)
             for row, verdict in zip(live, assessed):
-                verdicts[row] = _to_the_model(verdict) if model_mode else verdict
+                verdicts[row] = _to_the_model(verdict, plan.by_id[questions[row]], charttime) if model_mode else verdict
     return _append(batch, verdicts)
 
 
-def _to_the_model(verdict: Assessment) -> Assessment:
-    """Extraction mode model: every pair to the model, shown the note and the question alone; the cue reading stays
-    (cue answer, flags, mentions that count) for verify to check the model's answer against."""
-    verdict.route, verdict.hint, verdict.model_text = "model", None, None
+def _to_the_model(verdict: Assessment, question: PlannedQuestion, charttime=None) -> Assessment:
+    """Extraction mode model: every pair to the model, shown the note and the question alone (a date question also
+    the note's date); the cue reading stays (cue answer, flags, mentions that count) for verify to check the model's
+    answer against."""
+    verdict.route, verdict.model_text = "model", None
+    verdict.hint = note_date_hint(charttime) if question.spec.type == "date" else None
     return verdict
 
 
@@ -123,8 +131,9 @@ def _append(batch: pa.Table, verdicts: list[Assessment]) -> pa.Table:
     return batch
 
 
-def assess_note(text: str, questions: list[PlannedQuestion], plan: Plan) -> list[Assessment]:
-    """One note, many questions: mentions per question, one context pass for all, then a verdict each."""
+def assess_note(text: str, questions: list[PlannedQuestion], plan: Plan, charttime=None) -> list[Assessment]:
+    """One note, many questions: mentions per question, one context pass for all, then a verdict each.
+    `charttime`: the note's time, which the dates of date questions are resolved against."""
     extraction = plan.job.extraction
     matches = [find_mentions(text, q.spec) for q in questions]
     spans = sorted({(m.start, m.end) for found in matches for m in found})
@@ -133,19 +142,24 @@ def assess_note(text: str, questions: list[PlannedQuestion], plan: Plan) -> list
     for question, found in zip(questions, matches):
         ignore = set(question.spec.cues.ignore) if question.spec.cues else set()
         mentions = [Mention(m, context_of[(m.start, m.end)], not (context_of[(m.start, m.end)].flags & ignore)) for m in found]
-        verdicts.append(assess(text, question, mentions, plan))
+        verdicts.append(assess(text, question, mentions, plan, charttime))
     return verdicts
 
 
-def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: Plan) -> Assessment:
+def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: Plan, charttime=None) -> Assessment:
     """Route and cue answer for one (note, question)."""
     extraction = plan.job.extraction
     spec = question.spec
+    date_hint = note_date_hint(charttime) if spec.type == "date" else None
     if spec.cues is None:  # nothing to look for: only a model can answer
-        return Assessment("lexical" if extraction.mode == "lexical" else "model")
+        return Assessment("lexical" if extraction.mode == "lexical" else "model", hint=date_hint)
     evidence_chars = plan.job.model.evidence_max_chars
     if spec.type == "yes_no":
         output, resolved = yes_no_answer(text, mentions, evidence_chars)
+    elif spec.type == "date":
+        output, resolved = date_answer(text, spec, mentions, evidence_chars, charttime)
+    elif spec.type == "categorical":
+        output, resolved = categorical_answer(text, spec, mentions, evidence_chars)
     else:
         output, resolved = numeric_answer(text, spec, mentions, evidence_chars)
     flags = ",".join(sorted({f for m in mentions for f in m.context.flags})) or None
@@ -156,7 +170,7 @@ def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: 
     if extraction.mode == "lexical" or (extraction.ask_model == "unresolved" and resolved):
         return verdict
     verdict.route = "model"
-    verdict.hint = mention_hint(text, mentions)
+    verdict.hint = mention_hint(text, mentions) + (f"; {date_hint}" if date_hint else "")
     if extraction.model_sees == "windows":
         verdict.model_text = windows(text, mentions, extraction.window_chars)
     return verdict
@@ -205,6 +219,54 @@ def numeric_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evide
     anchor = mention.match.start if same_line else value.start  # a column under a table header: quote the value's row
     evidence = quote_around(text, anchor, value.end, mention.context if same_line else _NO_SENTENCE, evidence_chars)
     return json.dumps({"evidence": evidence, "value": _as_written(value.number), "unit": unit}), not guessed
+
+
+DATE_CHARS = 80  # a date phrase is read this far either side of a mention, within its sentence and line
+
+
+def near(text: str, mention: Mention, width: int = DATE_CHARS) -> tuple[int, int]:
+    """The span around a mention where its date or choice is read: its sentence, on its line, within `width`."""
+    start, end = mention.match.start, mention.match.end
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    context = mention.context
+    left = context.sentence_start if context.sentence_start <= start and context.sentence_end > start else line_start
+    right = context.sentence_end if context.sentence_end >= end else line_end
+    return max(line_start, left, start - width), min(line_end, right, end + width)
+
+
+def date_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evidence_chars: int, charttime) -> tuple[str, bool]:
+    """The date written nearest each mention that counts, resolved against the note's time; the most recent
+    (rollup max, the default), the earliest (min) or the last written (latest). Unresolved (the model is asked in
+    hybrid mode) where a phrase was found that cannot be resolved (a relative date in a note without a charttime,
+    "POD 3" without an operation date) where the mentions give different dates, the question's roll-up picks one."""
+    picked = []
+    unresolved = False
+    for mention in (m for m in mentions if m.counts):
+        lo, hi = near(text, mention)
+        phrases = find_dates(text, charttime, lo, hi, note=text)
+        if not phrases:
+            continue
+        phrase = min(phrases, key=lambda p: min(abs(p.start - mention.match.end), abs(mention.match.start - p.end)))
+        if not phrase.resolved:
+            unresolved = True
+            continue
+        picked.append((phrase, mention))
+    if not picked:
+        return json.dumps({"evidence": "", "phrase": None, "date": None}), not unresolved
+    if spec.effective_rollup == "min":
+        phrase, mention = min(picked, key=lambda item: item[0].value)
+    elif spec.effective_rollup == "max":
+        phrase, mention = max(picked, key=lambda item: item[0].value)
+    else:
+        phrase, mention = max(picked, key=lambda item: item[0].start)
+    start, end = min(phrase.start, mention.match.start), max(phrase.end, mention.match.end)
+    evidence = quote_around(text, start, end, mention.context, evidence_chars)
+    if phrase.written not in evidence:  # the quote must hold the phrase: quote from the phrase
+        evidence = quote_around(text, phrase.start, phrase.end, mention.context, evidence_chars)
+    return json.dumps({"evidence": evidence, "phrase": phrase.written[:40], "date": phrase.value.isoformat()}), \
+        not unresolved
 
 
 def _canonical(value: LabValue, spec: QuestionSpec) -> tuple[float | None, bool]:

@@ -5,6 +5,8 @@ Statuses: answered, not_in_note, error (with the reason in `error`). Nothing is 
 
 from __future__ import annotations
 
+import datetime
+
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ValidationError
@@ -21,6 +23,8 @@ ANSWER_FIELDS = {
     "value_bool": pa.bool_(),
     "value_num": pa.float64(),
     "unit": pa.string(),
+    "value_date": pa.date32(),
+    "value_text": pa.string(),
     "evidence": pa.string(),
     "error": pa.string(),
 }
@@ -82,6 +86,12 @@ def parse_one(plan: Plan, question_id: str, problem: str | None, finish_reason: 
         if answer.answer == "not_in_note":
             return {"status": "not_in_note", "evidence": evidence}
         return {"status": "answered", "value_bool": answer.answer == "yes", "evidence": evidence}
+    if question.spec.type == "date":
+        return _date_answer(answer, evidence)
+    if question.spec.type == "categorical":
+        if answer.choice is None:
+            return {"status": "not_in_note", "evidence": evidence}
+        return {"status": "answered", "value_text": answer.choice, "evidence": evidence}
     value = answer.number()
     if value is None:
         return {"status": "not_in_note", "evidence": evidence}
@@ -92,3 +102,16 @@ def parse_one(plan: Plan, question_id: str, problem: str | None, finish_reason: 
         return {"status": "error", "evidence": evidence, "unit": unit,
                 "error": f"value {value:g} {unit} is outside the plausible range {spec.minimum:g}-{spec.maximum:g} {spec.unit} for {spec.id}"}
     return {"status": "answered", "value_num": value, "unit": unit, "evidence": evidence}
+
+
+def _date_answer(answer, evidence: str | None) -> dict:
+    """A date answer: `value_date` the ISO date, `value_text` the phrase as written (kept as evidence of how)."""
+    phrase = (answer.phrase or "").strip() or None
+    if answer.date is None:
+        return {"status": "not_in_note", "evidence": evidence, "value_text": phrase}
+    try:
+        value = datetime.date.fromisoformat(answer.date)
+    except ValueError:
+        return {"status": "error", "evidence": evidence, "value_text": phrase,
+                "error": f"date {answer.date!r} is not a calendar date"}
+    return {"status": "answered", "value_date": value, "value_text": phrase, "evidence": evidence}

@@ -19,8 +19,14 @@ answer (route `model`, status `answered` or `not_in_note`) is verified when:
     "prior CVA 2019" has not addressed the evidence for "yes"; a "no" that quotes the one affirmed mention and
     disputes it is the model's reading, and stands). A "no" without a quote on an `absent: "no"` question claims
     nothing beyond "not in note" and passes when no mention counts;
+  * date: the date phrase (`value_text`) is written in the quote, the date follows from it (the phrase, read by
+    engine.stages.dates against the note's charttime, names a period that holds the answer's date: "2 weeks ago" in
+    a note of 2026-03-10 is 2026-02-24, "March 2026" any day of that month), and a cue mention of the question stands
+    on the quote's line within NEAR_CHARS of it;
+  * categorical: the quote writes the choice (its words or a declared synonym) and a cue mention stands near it (the
+    same);
   * "not in note": a yes/no question's note holds no mention that counts for the patient, and (hybrid mode) the cues
-    read no value for a numeric question.
+    read no value (no date, no choice) for a numeric (date, categorical) question.
 
 Columns added: `verified` (true / false; null where there was no model answer to check: cue answers, errors)
 and `verification` (why it failed). In hybrid mode a failed model answer gives way to the cue answer of the
@@ -43,7 +49,9 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.stages.choices import choice_in
 from engine.stages.context import contexts
+from engine.stages.dates import resolve_phrase
 from engine.stages.cues import find_mentions
 from engine.plan import Plan, PlannedQuestion
 from engine.stages.generate import CUE_MODEL_NAME
@@ -72,6 +80,9 @@ VALUE_NOT_IN_QUOTE = "value not in evidence quote"
 NO_MENTION = "evidence holds no mention of the question"
 CONTEXT = "evidence's mention does not count for the patient"
 PASSED_OVER = "a no that passes over a mention that counts"
+PHRASE_NOT_IN_QUOTE = "date phrase not in evidence quote"
+DATE_DOES_NOT_FOLLOW = "date does not follow from the phrase and the note's date"
+CHOICE_NOT_IN_QUOTE = "choice not in evidence quote"
 NOT_IN_NOTE_CONTRADICTED = "not in note, but the note has it"
 CHECKED_STATUSES = ["answered", "not_in_note"]
 
@@ -183,6 +194,15 @@ def check_answer(row: dict, text: str, question: PlannedQuestion, counts=None) -
         if not value_in_quote(row["value_num"], row["unit"], text[start:end], question):
             return f"{VALUE_NOT_IN_QUOTE} {detail}"
         start, end = _header_start(text, start), _line_end(text, end)
+    elif spec.type == "date":
+        problem = _date_problem(row, text, text[start:end])
+        if problem:
+            return f"{problem} {detail}"
+        start, end = _near(text, start, end)
+    elif spec.type == "categorical":
+        if not choice_in(text[start:end], spec, row["value_text"] or ""):
+            return f"{CHOICE_NOT_IN_QUOTE} {detail}"
+        start, end = _near(text, start, end)
     if not mentions_in(text, start, end, question):
         return f"{NO_MENTION} {detail}"
     if spec.type == "yes_no" and row["value_bool"] and not _a_quoted_mention_counts(text, start, end, question, counts):
@@ -192,6 +212,26 @@ def check_answer(row: dict, text: str, question: PlannedQuestion, counts=None) -
         if passed_over:
             return f"{PASSED_OVER} {detail[:-1]}, unaddressed: {passed_over!r})"
     return None
+
+
+def _date_problem(row: dict, text: str, quote: str) -> str | None:
+    """None when the date phrase is in the quote and names a period that holds the answer's date."""
+    phrase = (row.get("value_text") or "").strip()
+    folded_quote = re.sub(r"\s+", " ", quote).lower()
+    if not phrase or re.sub(r"\s+", " ", phrase).lower() not in folded_quote:
+        return PHRASE_NOT_IN_QUOTE
+    named = resolve_phrase(phrase, row.get("charttime"), note=text)
+    value = row.get("value_date")
+    if named is None or not named.resolved or value is None or not named.first <= value <= named.last:
+        return DATE_DOES_NOT_FOLLOW
+    return None
+
+
+NEAR_CHARS = 80  # a date's or a choice's mention stands on the quote's line, at most this far from it (as the cues read)
+
+
+def _near(text: str, start: int, end: int) -> tuple[int, int]:
+    return max(text.rfind("\n", 0, start) + 1, start - NEAR_CHARS), min(_line_end(text, end), end + NEAR_CHARS)
 
 
 def _counted_outside(text: str, start: int, end: int, question: PlannedQuestion, counts) -> str:
@@ -254,18 +294,26 @@ def check_not_in_note(text: str, question: PlannedQuestion, counts=None, cue_ans
     if cue_answer and cue_answer.get("status") == "answered" and cue_answer.get("value_num") is not None:
         unit = f" {cue_answer['unit']}" if cue_answer.get("unit") else ""
         return f"{NOT_IN_NOTE_CONTRADICTED} (model: not_in_note, cues read: {cue_answer['value_num']:g}{unit})"
+    if cue_answer and cue_answer.get("status") == "answered" and question.spec.type in ("date", "categorical"):
+        read = cue_answer.get("value_date") or cue_answer.get("value_text")
+        return f"{NOT_IN_NOTE_CONTRADICTED} (model: not_in_note, cues read: {read})"
     return None
 
 
 def _said(row: dict, kind: str) -> str:
     if kind == "yes_no":
         return "yes" if row["value_bool"] else "no"
+    if kind == "date":
+        return f"{row.get('value_date')} from {row.get('value_text')!r}"
+    if kind == "categorical":
+        return str(row.get("value_text"))
     unit = f" {row['unit']}" if row["unit"] else ""
     return f"{row['value_num']:g}{unit}"
 
 
 CHECKED = ["question_id", "status", "value_bool", "value_num", "unit", "evidence", "evidence_start", "evidence_end",
            "grounding"]
+CHECKED_IF_PRESENT = ["value_date", "value_text", "charttime"]  # date and categorical answers (absent in old batches)
 
 
 def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
@@ -281,7 +329,8 @@ def verify_answers(batch: pa.Table, plan: Plan) -> pa.Table:
     rows = pc.indices_nonzero(answered).to_pylist()
     replaced: dict[int, dict] = {}
     if rows:
-        picked = batch.select(CHECKED).take(pa.array(rows)).to_pylist()
+        columns = CHECKED + [c for c in CHECKED_IF_PRESENT if c in batch.column_names]
+        picked = batch.select(columns).take(pa.array(rows)).to_pylist()
         text_of = text_lookup(batch["text"].combine_chunks())
         cue_outputs = batch["cue_output"].combine_chunks() if "cue_output" in batch.column_names else None
         handed_on = batch["counted_mentions"].combine_chunks() if "counted_mentions" in batch.column_names else None
@@ -318,7 +367,7 @@ def _cue_answer(plan: Plan, question_id: str, cue_output: str, text: str) -> dic
     return {**answer, "evidence_start": start, "evidence_end": end, "grounding": grounding, "model": CUE_MODEL_NAME}
 
 
-REPLACED_COLUMNS = ["status", "value_bool", "value_num", "unit", "evidence", "error", "evidence_start", "evidence_end",
+REPLACED_COLUMNS = ["status", "value_bool", "value_num", "unit", "value_date", "value_text", "evidence", "error", "evidence_start", "evidence_end",
                     "grounding", "model"]
 
 

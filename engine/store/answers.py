@@ -93,7 +93,7 @@ SELECT CASE WHEN GROUPING(status) = 0 THEN 'status' WHEN GROUPING(error) = 0 THE
        coalesce(status, error, grounding, route, category) AS k, question_id, unit, number, count(*) AS n
 FROM (SELECT status, CASE WHEN status = 'error' THEN error END AS error, grounding, route, question_id,
              CASE WHEN status = 'answered' AND value_bool IS NOT NULL THEN CASE WHEN value_bool THEN 'yes' ELSE 'no' END
-                  WHEN status = 'answered' AND value_num IS NOT NULL THEN 'value'
+                  WHEN status = 'answered' THEN 'value'
                   WHEN status = 'not_in_note' THEN 'not_in_note' ELSE 'error' END AS category,
              CASE WHEN status = 'answered' THEN unit END AS unit,
              CASE WHEN status = 'answered' THEN value_num END AS number
@@ -165,7 +165,7 @@ def answer_categories(answers: Answers) -> dict[str, dict[str, int]]:
     con = connect(answers)
     rows = query_dicts(con, """
 SELECT question_id, CASE WHEN status = 'answered' AND value_bool IS NOT NULL THEN CASE WHEN value_bool THEN 'yes' ELSE 'no' END
-                         WHEN status = 'answered' AND value_num IS NOT NULL THEN 'value'
+                         WHEN status = 'answered' THEN 'value'
                          WHEN status = 'not_in_note' THEN 'not_in_note' ELSE 'error' END AS category, count(*) AS n
 FROM answers GROUP BY ALL""")
     result: dict[str, dict[str, int]] = {}

@@ -44,6 +44,8 @@ ANSWER_COLUMNS: dict[str, pa.DataType] = {
     "value_bool": pa.bool_(),
     "value_num": pa.float64(),
     "unit": pa.string(),
+    "value_date": pa.date32(),
+    "value_text": pa.string(),
     "evidence": pa.string(),
     "evidence_start": pa.int32(),
     "evidence_end": pa.int32(),
@@ -66,6 +68,7 @@ ANSWER_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
+OPTIONAL_ANSWER_COLUMNS = ("value_date", "value_text")  # null where a batch has none (tools, older stages)
 ANSWER_STATISTICS = ["patient_id", "note_id", "row_number"]  # min/max kept in answers/ files (others cost write time)
 
 
@@ -80,6 +83,9 @@ def to_answer_table(batch: pa.Table, schema: pa.Schema, fingerprint: str) -> pa.
     batch = batch.append_column("job_fingerprint", pa.array([fingerprint] * batch.num_rows, pa.string()))
     columns = []
     for field in schema:
+        if field.name in OPTIONAL_ANSWER_COLUMNS and field.name not in batch.column_names:
+            columns.append(pa.nulls(batch.num_rows, field.type))  # a batch without date or categorical answers
+            continue
         column = batch[field.name]
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)

@@ -150,7 +150,10 @@ def use_job(path: str | Path = DEFAULT_JOB) -> None:
                           for u, factor in q.units.items() if u in spec["units"]}
     if problems:
         raise ValueError(f"{path}: the synthetic-note generator does not fit this job: " + "; ".join(problems))
-    YES_NO, NUMERIC, QUESTION_IDS = yes_no, tuple(numeric), tuple(q.id for q in job.questions)
+    # gold is written for the yes/no and numeric questions; date and categorical questions are left unlabelled here
+    # (tests/unit/test_temporal.py writes dated notes with their gold dates by hand)
+    YES_NO, NUMERIC = yes_no, tuple(numeric)
+    QUESTION_IDS = tuple(q.id for q in job.questions if q.type in ("yes_no", "numeric"))
     ROLLUP = {q.id: {"min": min, "max": max}[q.effective_rollup] for q in numeric.values()}
     UNIT = {q.id: q.unit for q in numeric.values()}
     FACTORS = {q.id: dict(q.units) for q in numeric.values()}
@@ -286,9 +289,32 @@ def _cmp(value, test):
     return None if value is None else bool(test(value))
 
 
-def decide(sex: str, age: int, golds: list[dict[str, tuple]]) -> dict[str, str]:
-    """The patient's criterion states, status and reasons from per-note gold (roll-up: any / min / max)."""
+# The time windows of the time-bound exclusions, in days before the patient's index date (the latest note's day).
+# Written here on purpose rather than read from the job (see CRITERIA): 30 days, and 6 calendar months.
+WINDOW_DAYS = {"recent_stroke": lambda index: index - dt.timedelta(days=30),
+               "recent_serious_bleeding": lambda index: _months_before(index, 6)}
+
+
+def _months_before(day: dt.date, months: int) -> dt.date:
+    month = day.month - months
+    year = day.year + (month - 1) // 12
+    month = (month - 1) % 12 + 1
+    for dom in range(day.day, 27, -1):  # 31 August - 6 months: the last day of February
+        try:
+            return dt.date(year, month, dom)
+        except ValueError:
+            continue
+    return dt.date(year, month, min(day.day, 28))
+
+
+def decide(sex: str, age: int, golds: list[dict[str, tuple]], dates: list[dt.date] | None = None) -> dict[str, str]:
+    """The patient's criterion states, status and reasons from per-note gold (roll-up: any / min / max). With the
+    notes' `dates`, the time-bound questions (WINDOW_DAYS) count only the notes of their window before the latest."""
     facts = {q: any(g[q][0] for g in golds) for q in YES_NO}
+    if dates:
+        index = max(dates)
+        for q, start in WINDOW_DAYS.items():
+            facts[q] = any(g[q][0] for g, day in zip(golds, dates) if start(index) <= day <= index)
     for q in NUMERIC:
         known = [g[q][1] * FACTORS[q][g[q][2]] for g in golds if g[q][1] is not None]
         value = ROLLUP[q](known) if known else None
@@ -1013,7 +1039,7 @@ def make_sample(n_patients: int = 40, seed: int = 7) -> dict[str, pa.Table]:
     hadm = 20_000_000
     for p in build_patients(n_patients, rng):
         seq = rng.randint(2, 25)
-        golds = []
+        golds, dates = [], []
         for plan, when in zip(p.notes, _note_times(rng, p.notes)):
             hadm += rng.randint(100, 90_000)
             note_id = f"{p.subject_id}-DS-{seq}"
@@ -1024,10 +1050,11 @@ def make_sample(n_patients: int = 40, seed: int = 7) -> dict[str, pa.Table]:
                 notes[k].append(v)
             g = note_gold(plan)
             golds.append(g)
+            dates.append(when.date())
             for q in QUESTION_IDS:
                 for k, v in zip(("note_id", "question_id", "value_bool", "value_num", "unit"), (note_id, q, *g[q])):
                     gold[k].append(v)
-        decision = decide(p.sex, p.age, golds)
+        decision = decide(p.sex, p.age, golds, dates)
         if (decision["status"], decision["reasons"]) != p.intent:
             raise RuntimeError(f"patient {p.subject_id}: archetype meant {p.intent}, facts give "
                                  f"{(decision['status'], decision['reasons'])}")

@@ -59,7 +59,7 @@ def test_validate_the_real_job():
     result = invoke("validate", str(APIXABAN))
     assert result.exit_code == 0, result.output
     assert result.output.startswith("OK: ")
-    assert "23 questions" in result.output and "11 criteria" in result.output
+    assert "25 questions" in result.output and "11 criteria" in result.output
 
 
 def write_job(folder: Path, source: str) -> str:
@@ -83,7 +83,7 @@ def test_validate_a_job_with_one_problem(tmp_path, monkeypatch):
     result = invoke("validate", write_job(tmp_path, source))
     lines = assert_user_error(result)
     line = line_of(source, "type: maybe")
-    assert lines == [f"Error: bad.yaml: questions[0].type (line {line}): Input should be 'yes_no' or 'numeric'"]
+    assert lines == [f"Error: bad.yaml: questions[0].type (line {line}): Input should be 'yes_no', 'numeric', 'date' or 'categorical'"]
 
 
 def test_validate_a_job_with_several_problems_prints_one_line_each(tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_validate_a_job_with_several_problems_prints_one_line_each(tmp_path, mon
     assert lines[0] == "Error: bad.yaml: 2 problems"
     assert sorted(line.strip() for line in lines[1:]) == [
         f"model.max_tokens (line {line_of(source, 'max_tokens: 4')}): Input should be greater than or equal to 8",
-        f"questions[0].type (line {line_of(source, 'type: maybe')}): Input should be 'yes_no' or 'numeric'",
+        f"questions[0].type (line {line_of(source, 'type: maybe')}): Input should be 'yes_no', 'numeric', 'date' or 'categorical'",
     ]
 
 
@@ -120,7 +120,7 @@ def test_a_long_problem_stays_on_one_line(tmp_path):
     lines = assert_user_error(invoke("validate", str(path), columns=PIPE_WIDTH))
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"Error: {path}: model.temperature (line {line_of(source, 'temperature')}): unknown key")
-    assert lines[0].endswith("evidence_max_chars, seed)")
+    assert lines[0].endswith("evidence_max_chars, seed, adapter, max_lora_rank)")
 
 
 def test_run_with_a_broken_job_fails_before_touching_data(tmp_path, monkeypatch):

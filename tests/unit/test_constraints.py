@@ -15,7 +15,7 @@ from xgrammar.testing import _is_grammar_accept_string
 from engine.constraints import answer_model_for, json_schema_for
 from engine.job import QuestionSpec, load_job
 from engine.plan import make_plan
-from schemas import NumericAnswer, YesNoAnswer
+from schemas import CategoricalAnswer, DateAnswer, NumericAnswer, YesNoAnswer
 from schemas.numeric import INTEGER_DIGITS, NUMBER_PATTERN, number_pattern
 
 JOB = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
@@ -24,6 +24,12 @@ EVIDENCE_MAX = JOB.model.evidence_max_chars
 QUESTIONS = PLAN.questions
 NUMERIC = [q for q in QUESTIONS if q.spec.type == "numeric"]
 YES_NO = [q for q in QUESTIONS if q.spec.type == "yes_no"]
+DATES = [q for q in QUESTIONS if q.spec.type == "date"]
+AF_TYPE = QuestionSpec(id="af_type", type="categorical", question="Which type of atrial fibrillation does the note document?",
+                       choices=["paroxysmal", "persistent", "permanent"], synonyms={"permanent": ["chronic AF"]})
+NYHA = QuestionSpec(id="nyha_class", type="categorical", question="Which NYHA class does the note give?",
+                    choices=["I", "II", "III", "IV"], rollup="max")
+SCHEMA_BASE = {"yes_no": YesNoAnswer, "numeric": NumericAnswer, "date": DateAnswer, "categorical": CategoricalAnswer}
 ids = lambda qs: [q.id for q in qs]  # noqa: E731
 
 
@@ -31,6 +37,8 @@ def compile_grammar(schema: dict) -> xgrammar.Grammar:
     return xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"))
 
 
+EXTRA = [make_plan(JOB.model_copy(update={"questions": [AF_TYPE, NYHA]})).by_id[i] for i in ("af_type", "nyha_class")]
+QUESTIONS = QUESTIONS + EXTRA  # the job's questions and two categorical ones
 GRAMMARS = {q.id: compile_grammar(q.json_schema) for q in QUESTIONS}
 
 
@@ -53,6 +61,12 @@ def valid_answers(question) -> list[dict]:
         return [{"evidence": "Hx: AF on warfarin", "answer": "yes"}, {"evidence": "denies AF", "answer": "no"},
                 {"evidence": "", "answer": "not_in_note"}, {"evidence": "µg ≥ 5 é 😀 x/y", "answer": "yes"},
                 {"evidence": "x" * EVIDENCE_MAX, "answer": "no"}]
+    if question.spec.type == "date":
+        return [{"evidence": "acute stroke 2 weeks ago", "phrase": "2 weeks ago", "date": "2026-02-24"},
+                {"evidence": "", "phrase": None, "date": None},
+                {"evidence": "x" * EVIDENCE_MAX, "phrase": "x" * 40, "date": "1999-12-31"}]
+    if question.spec.type == "categorical":
+        return [{"evidence": "quote", "choice": c} for c in question.spec.choices] + [{"evidence": "", "choice": None}]
     units = list(question.spec.units)
     widest = "9" * integer_digits(question) + ".125"
     return [{"evidence": f"value 1.2 {units[0]}", "value": "1.2", "unit": units[0]},
@@ -67,8 +81,8 @@ def some_answer(question) -> dict:
 
 # --- every question of the job: compiles, accepts valid answers, which validate ---------------------------
 
-def test_the_job_has_both_kinds():
-    assert len(YES_NO) == 15 and len(NUMERIC) == 8
+def test_the_job_has_its_kinds():
+    assert len(YES_NO) == 15 and len(NUMERIC) == 8 and len(DATES) == 2
 
 
 @pytest.mark.parametrize("question", QUESTIONS, ids=ids(QUESTIONS))
@@ -86,7 +100,7 @@ def test_schema_is_closed_and_bounded(question):
     assert schema["additionalProperties"] is False
     assert schema["properties"]["evidence"]["maxLength"] == EVIDENCE_MAX
     assert set(schema["required"]) == set(schema["properties"])
-    assert issubclass(question.answer_model, NumericAnswer if question.spec.type == "numeric" else YesNoAnswer)
+    assert issubclass(question.answer_model, SCHEMA_BASE[question.spec.type])
 
 
 @pytest.mark.parametrize("question", QUESTIONS, ids=ids(QUESTIONS))
@@ -120,6 +134,26 @@ def test_yes_no_other_answers_and_missing_fields_are_rejected(question):
     assert not accepts(question.id, compact({"evidence": ""}))
     assert not accepts(question.id, compact({"answer": "yes", "evidence": ""}))  # order is evidence first
     assert not accepts(question.id, compact({"evidence": "", "answer": True}))
+
+
+@pytest.mark.parametrize("question", DATES, ids=ids(DATES))
+def test_dates_are_iso_days_and_phrases_are_bounded(question):
+    for date in ("2026-2-24", "2026-13-01", "2026-02-32", "26-02-24", "2026/02/24", "2026-02-24T00:00", "02-24-2026", ""):
+        assert not accepts(question.id, compact({"evidence": "", "phrase": "x", "date": date})), date
+    assert not accepts(question.id, compact({"evidence": "", "phrase": "x" * 41, "date": None}))
+    assert not accepts(question.id, compact({"evidence": "", "date": None, "phrase": None}))  # order: phrase first
+    # the grammar admits 2026-02-30 (day 30 of any month); parsing it as a date then fails (an error row, not a date)
+    assert accepts(question.id, compact({"evidence": "", "phrase": "x", "date": "2026-02-30"}))
+
+
+@pytest.mark.parametrize("question", EXTRA, ids=ids(EXTRA))
+def test_a_choice_not_declared_is_rejected(question):
+    for choice in ("unknown", "Paroxysmal", "V", "", "paroxysmal AF"):
+        answer = {"evidence": "", "choice": choice}
+        assert not accepts(question.id, compact(answer)), choice
+        with pytest.raises(ValidationError):
+            question.answer_model.model_validate(answer)
+    assert "choices: I or II or III or IV" in __import__("engine.prompt", fromlist=["unit_hint"]).unit_hint(EXTRA[1])
 
 
 @pytest.mark.parametrize("question", NUMERIC, ids=ids(NUMERIC))
@@ -204,11 +238,14 @@ def test_xgrammar_rejects_eight_digits_for_the_default_number_pattern():
 
 
 def test_base_schemas_compile_and_bound_generation():
-    for model in (YesNoAnswer, NumericAnswer):
+    rest = {YesNoAnswer: {"answer": "no"}, NumericAnswer: {"value": None, "unit": None},
+            DateAnswer: {"phrase": None, "date": None}, CategoricalAnswer: {"choice": None}}
+    for model, fields in rest.items():
         schema = json_schema_for(model)
         grammar = compile_grammar(schema)
         assert schema["additionalProperties"] is False
-        assert not _is_grammar_accept_string(grammar, compact({"evidence": "x" * 121, **({"answer": "no"} if model is YesNoAnswer else {"value": None, "unit": None})}))
+        assert _is_grammar_accept_string(grammar, compact({"evidence": "x" * 120, **fields}))
+        assert not _is_grammar_accept_string(grammar, compact({"evidence": "x" * 121, **fields}))
 
 
 def test_answer_model_uses_the_jobs_evidence_length_and_units():

@@ -41,7 +41,7 @@ def test_shipped_profiles_state_their_source_and_h100_beats_a100():
 
 def test_workload_is_measured_on_the_jobs_notes(apixaban_job):
     measured = measure_workload(apixaban_job)
-    assert measured.questions == 23 and measured.notes_sampled > 20
+    assert measured.questions == 25 and measured.notes_sampled > 20
     assert 300 < measured.note_tokens < 5_000  # bundled discharge summaries: a few thousand characters
     assert 5 < measured.suffix_tokens < 80  # only the question follows the note
     assert measured.notes_per_patient > 1.0 and measured.notes_per_patient < 3.0

@@ -111,7 +111,7 @@ def test_a_perfect_predictor_scores_one_everywhere(job, perfect, gold):
 def test_predictions_for_some_notes_are_scored_on_those_notes_only(job, gold):
     evaluation = evaluate(job, gold_answers(job, notes=10), gold, draws=DRAWS)
     assert evaluation.notes == 10
-    assert evaluation.matched == 10 * len(job.questions)
+    assert evaluation.matched == 10 * 23  # the gold labels the 23 yes/no and numeric questions, not the date ones
     assert evaluation.unmatched == {"note not in predictions": gold.num_rows - 10 * 23, "question not in the job": 0,
                                     "no prediction for the question": 0}
     assert all(r["value"] == 1.0 or math.isnan(r["value"]) for r in evaluation.table.to_pylist())
@@ -325,3 +325,48 @@ def test_the_eval_command_writes_where_it_is_told_and_fails_in_one_line(job, per
     failed = CliRunner().invoke(app, [*args, "--labels", str(tmp_path / "nope.parquet")])
     assert failed.exit_code == 1
     assert failed.output.startswith("Error: labels ") and failed.output.count("\n") == 1 and "Traceback" not in failed.output
+
+
+# --- date and categorical answers -----------------------------------------------------------------------------------
+def test_date_and_categorical_answers_score_what_a_hand_count_says():
+    import datetime as dt
+
+    job = JobSpec.model_validate({
+        "name": "t", "input": {"uri": "x"}, "output": {"uri": "y"},
+        "questions": [{"id": "stroke_date", "type": "date", "question": "When was the stroke?", "tolerance": 1},
+                      {"id": "af_type", "type": "categorical", "question": "Which type of AF?",
+                       "choices": ["paroxysmal", "persistent", "permanent"]}]})
+    D = dt.date
+    gold_dates = [D(2026, 3, 2), D(2026, 3, 2), D(2026, 3, 2), None, None, D(2025, 12, 31)]
+    # predictions: exact, 1 day off (within tolerance), 2 days off, both not in note, a date where gold has none, error
+    pred_dates = [("answered", D(2026, 3, 2)), ("answered", D(2026, 3, 3)), ("answered", D(2026, 2, 29 - 1)),
+                  ("not_in_note", None), ("answered", D(2026, 1, 1)), ("error", None)]
+    gold_choices = ["paroxysmal", "paroxysmal", "persistent", "permanent", None, "persistent"]
+    pred_choices = [("answered", "paroxysmal"), ("answered", "persistent"), ("answered", "persistent"),
+                    ("answered", "permanent"), ("not_in_note", None), ("not_in_note", None)]
+    notes = [f"n{i}" for i in range(6)]
+    labels = pa.table({"note_id": notes * 2, "question_id": ["stroke_date"] * 6 + ["af_type"] * 6,
+                       "value_bool": pa.nulls(12, pa.bool_()), "value_num": pa.nulls(12, pa.float64()),
+                       "value_date": pa.array(gold_dates + [None] * 6, pa.date32()),
+                       "value_text": pa.array([None] * 6 + gold_choices, pa.string())})
+    predictions = pa.table({
+        "note_id": notes * 2, "question_id": ["stroke_date"] * 6 + ["af_type"] * 6,
+        "status": [s for s, _ in pred_dates] + [s for s, _ in pred_choices],
+        "value_bool": pa.nulls(12, pa.bool_()), "value_num": pa.nulls(12, pa.float64()), "unit": pa.nulls(12, pa.string()),
+        "value_date": pa.array([d for _, d in pred_dates] + [None] * 6, pa.date32()),
+        "value_text": pa.array([None] * 6 + [c for _, c in pred_choices], pa.string())})
+    rows = {(r["id"], r["metric"]): r for r in evaluate(job, predictions, labels, draws=DRAWS).table.to_pylist()}
+    assert rows[("stroke_date", "accuracy")]["value"] == pytest.approx(3 / 6)  # exact, 1 day off, both not in note
+    assert rows[("stroke_date", "not_in_note_recall")]["value"] == pytest.approx(1 / 2)
+    assert rows[("stroke_date", "accuracy")]["errors"] == 1
+    assert rows[("af_type", "accuracy")]["value"] == pytest.approx(4 / 6)  # n0, n2, n3, n4 (both not in note)
+    # one-vs-rest: paroxysmal tp 1, gold 2, pred 1 -> 2/3; persistent tp 1, gold 2, pred 2 -> 1/2; permanent 1
+    assert rows[("af_type", "f1:paroxysmal")]["value"] == pytest.approx(2 / 3)
+    assert rows[("af_type", "f1:persistent")]["value"] == pytest.approx(1 / 2)
+    assert rows[("af_type", "f1:permanent")]["value"] == pytest.approx(1.0)
+    assert rows[("af_type", "macro_f1")]["value"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert rows[("date", "mean_accuracy")]["value"] == pytest.approx(0.5)
+    evaluation = evaluate(job, predictions, labels, draws=DRAWS)
+    assert "F1 (persistent)" in to_markdown(evaluation, job)
+    with pytest.raises(EngineError, match="not among the choices"):
+        evaluate(job, predictions, labels.set_column(5, "value_text", pa.array([None] * 6 + ["chronic"] * 6)), draws=DRAWS)

@@ -312,3 +312,21 @@ def test_export_command_refuses_an_unknown_format(run_folder, tmp_path):
     job_path, folder = run_folder
     result = invoke("export", str(job_path), "--answers", str(folder), "--format", "fhir", "--output", str(tmp_path / "omop"))
     assert result.exit_code == 2 and "omop-note-nlp" in result.output
+
+
+def test_date_and_choice_answers_go_in_term_modifiers_with_the_phrase():
+    import datetime as dt
+
+    data = {**JOB_DATA, "questions": [
+        {"id": "stroke_date", "type": "date", "question": "When did the stroke occur?"},
+        {"id": "af_type", "type": "categorical", "question": "Which type of AF?", "choices": ["paroxysmal", "permanent"]}]}
+    job = JobSpec.model_validate(data)
+    schema = answer_schema(job, pa.schema([("age", pa.int64())]))
+    rows = [answer("5", "stroke_date", value_date=dt.date(2026, 2, 24), value_text="2 weeks ago", **quote("stroke 2 weeks ago", 3)),
+            answer("5", "af_type", value_text="paroxysmal", **quote("paroxysmal AF", 30))]
+    table = to_answer_table(pa.Table.from_pylist(rows, schema=pa.schema([f for f in schema if f.name != "job_fingerprint"])),
+                            schema, job.fingerprint())
+    got = by_key(note_nlp_table(table, job, PROCESSED))
+    assert got[(5, "stroke_date")]["term_modifiers"] == \
+        "question=stroke_date;value=2026-02-24;phrase=2 weeks ago;status=answered;grounding=exact;route=model"
+    assert got[(5, "af_type")]["term_modifiers"] == "question=af_type;value=paroxysmal;status=answered;grounding=exact;route=model"

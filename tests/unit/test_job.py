@@ -44,12 +44,14 @@ def only_problem(error: JobError) -> str:
 
 # --- the real job -----------------------------------------------------------------------------------------
 
-def test_apixaban_job_loads_with_23_questions():
+def test_apixaban_job_loads_with_23_questions_and_two_dates():
     job = load_job(APIXABAN)
     types = [q.type for q in job.questions]
-    assert len(job.questions) == 23
+    assert len(job.questions) == 25
     assert types.count("yes_no") == 15
     assert types.count("numeric") == 8
+    assert [q.id for q in job.questions if q.type == "date"] == ["stroke_date", "bleeding_date"]
+    assert (job.question("recent_stroke").lookback, job.question("recent_serious_bleeding").lookback) == ("30d", "6mo")
     assert job.questions[0].id == "atrial_fibrillation"
     assert job.question("creatinine_max").unit == "mg/dL"
     assert job.question("creatinine_max").units["umol/L"] == pytest.approx(0.01131)
@@ -232,3 +234,49 @@ def _written(tmp_path: Path, source: str) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(source, encoding="utf-8")
     return path
+
+
+# --- time: windows, index date, date and categorical questions ---------------------------------------------------
+
+def test_windows_and_the_index_are_not_part_of_the_fingerprint_but_choices_are():
+    job = load_job(APIXABAN)
+    stroke = next(i for i, q in enumerate(job.questions) if q.id == "recent_stroke")
+    longer = _variant(job, questions=lambda qs: qs[stroke].update(lookback="7d", lookahead="2d"))
+    assert longer.fingerprint() == job.fingerprint()  # a window acts in the roll-up: `engine rules`, no new run
+    indexed = job.model_copy(update={"index": {"uri": "screening.parquet"}})
+    assert JobSpec.model_validate(indexed.model_dump()).fingerprint() == job.fingerprint()
+    typed = {"id": "af_type", "type": "categorical", "question": "Which type of AF does the note document?",
+             "choices": ["paroxysmal", "persistent"]}
+    with_choices = _variant(job, questions=lambda qs: qs.append(typed))
+    other_choices = _variant(job, questions=lambda qs: qs.append({**typed, "choices": ["paroxysmal", "permanent"]}))
+    assert with_choices.fingerprint() != other_choices.fingerprint()
+
+
+@pytest.mark.parametrize("question, message", [
+    ({"type": "yes_no", "lookback": "30 days"}, "is not a duration; write a whole number and d, w, mo or y"),
+    ({"type": "yes_no", "lookahead": "1m"}, "is not a duration"),
+    ({"type": "categorical"}, "categorical questions need 'choices'"),
+    ({"type": "categorical", "choices": ["I", "II"], "synonyms": {"V": ["class 5"]}}, "'synonyms' names V, not among the choices"),
+    ({"type": "categorical", "choices": ["I", "I"]}, "duplicate choice id(s): I"),
+    ({"type": "yes_no", "choices": ["a", "b"]}, "'choices' and 'synonyms' are for categorical questions only"),
+    ({"type": "date", "rollup": "any"}, "rollup 'any' is for yes_no questions; date questions use max, min or latest"),
+    ({"type": "date", "absent": "no"}, "a date answer not in the note is unknown"),
+])
+def test_time_fields_are_checked(question, message):
+    data = {"name": "t", "input": {"uri": "x"}, "output": {"uri": "y"},
+            "questions": [{"id": "q", "question": "When did the event occur?", **question}]}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        JobSpec.model_validate(data)
+
+
+def test_an_index_column_must_be_a_structured_column_and_one_source_only():
+    base = {"name": "t", "input": {"uri": "x", "structured": ["age"]}, "output": {"uri": "y"},
+            "questions": [{"id": "q", "type": "yes_no", "question": "Did the event occur?", "lookback": "30d"}]}
+    with pytest.raises(ValueError, match="index.column 'screening' must be one of input.structured"):
+        JobSpec.model_validate({**base, "index": {"column": "screening"}})
+    with pytest.raises(ValueError, match="not both"):
+        JobSpec.model_validate({**base, "index": {"column": "age", "uri": "i.parquet"}})
+    with pytest.raises(ValueError, match="duplicate"):  # the patient table's own index_date column
+        JobSpec.model_validate({**base, "questions": [*base["questions"], {"id": "index_date", "type": "date",
+                                                                           "question": "What is the index date?"}]})
+    assert JobSpec.model_validate(base).uses_index_date

@@ -115,3 +115,121 @@ def test_other_layouts_fall_back_to_sql(break_layout):
     table = break_layout(_base())
     assert columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS)) is None
     assert rollup_answers(table, job).to_pylist() == rollup_sql(table, job).to_pylist()
+
+
+# --- windows: both roll-ups, equal; and equal to the columnar roll-up of the rows a window keeps, worked out in Python ---
+DAY_NOTE = st.fixed_dictionaries({
+    "patient": st.sampled_from(["p1", "p2", "p3"]),
+    "days": st.one_of(st.none(), st.integers(0, 40)),  # day of the note; None: no charttime (counted, flagged)
+    "sex": st.just("F"), "age": st.just(70),
+    "answers": st.lists(ANSWER, min_size=len(QUESTIONS), max_size=len(QUESTIONS)),
+})
+# the window each question may take: yes/no questions rolled up with any (absent: "no": a note outside says "no")
+# and numeric ones (a note outside is left out)
+WINDOWABLE = [q["id"] for q in QUESTIONS if q["type"] == "numeric" or (q["type"] == "yes_no" and q.get("absent") == "no"
+                                                                      and q.get("rollup") in (None, "any"))]
+WINDOW_DAYS = {"0d": 0, "3d": 3, "1w": 7, "2w": 14}
+
+
+def windowed_job(windows: dict[str, str], verified: bool) -> JobSpec:
+    questions = [{**q, "lookback": windows.get(q["id"])} for q in QUESTIONS]
+    return JobSpec.model_validate({**job_for(True, True, verified).model_dump(), "questions": questions})
+
+
+def kept_by_windows(notes: list[dict], windows: dict[str, str]) -> pa.Table:
+    """The note-major table as a window leaves it, worked out here in Python: index date = the patient's latest
+    note's day; an answer of a dated note before index - lookback says "not in note" (a yes/no question: "no") or
+    is an error row (a number: left out of max/min/latest)."""
+    latest = {}
+    for note in notes:
+        if note["days"] is not None:
+            latest[note["patient"]] = max(latest.get(note["patient"], -1), note["days"])
+    changed = []
+    for note in notes:
+        answers = []
+        for question, answer in zip(QUESTIONS, note["answers"]):
+            window = windows.get(question["id"])
+            outside = window is not None and note["days"] is not None and \
+                not latest[note["patient"]] - WINDOW_DAYS[window] <= note["days"]
+            if outside:
+                status = "not_in_note" if question["type"] == "yes_no" else "error"
+                answer = {**answer, "status": status, "value_bool": None, "evidence": None, "grounding": None,
+                          "verified": None}
+            answers.append(answer)
+        changed.append({**note, "answers": answers, "minutes": None if note["days"] is None else note["days"] * 1440})
+    return note_major(changed)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(DAY_NOTE, min_size=1, max_size=9),
+       st.dictionaries(st.sampled_from(WINDOWABLE), st.sampled_from(list(WINDOW_DAYS)), min_size=1), st.booleans())
+def test_windows_keep_what_the_columnar_rollup_of_the_kept_rows_gives(notes, windows, verified):
+    job = windowed_job(windows, verified)
+    table = note_major([{**n, "minutes": None if n["days"] is None else n["days"] * 1440} for n in notes])
+    fast = columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS))
+    assert fast is not None, "windows take the columnar path too"
+    assert fast.to_pylist() == rollup_sql(table, job).to_pylist() and fast.schema == rollup_sql(table, job).schema
+    plain = job_for(True, True, verified)
+    kept = kept_by_windows(notes, windows)
+    expected = columnar_rollup(kept, plain, _schema_for(kept, plain), list(ROLLUP_COLUMNS))
+    got = rollup_answers(table, job).select(expected.column_names)
+    assert got.to_pylist() == expected.to_pylist()
+    counts = rollup_answers(table, job)
+    for qid in windows:  # the undated notes each window counted
+        undated = {p: sum(1 for n in notes if n["patient"] == p and n["days"] is None) for p in {n["patient"] for n in notes}}
+        assert dict(zip(counts["patient_id"].to_pylist(), counts[f"{qid}__undated_notes"].to_pylist())) == undated
+
+
+# --- date and categorical questions, windowed or not, and an index table with missing patients --------------------
+TIMED_QUESTIONS = [
+    {"id": "event_date", "type": "date", "question": "When did the event occur?"},
+    {"id": "first_date", "type": "date", "rollup": "min", "question": "When did it first occur?", "lookback": "1w"},
+    {"id": "last_said", "type": "date", "rollup": "latest", "question": "What date does the latest note give?"},
+    {"id": "af_type", "type": "categorical", "question": "Which AF type?", "choices": ["paroxysmal", "persistent", "permanent"]},
+    {"id": "nyha", "type": "categorical", "rollup": "max", "question": "Which NYHA class?", "choices": ["I", "II", "III", "IV"],
+     "lookback": "3d", "lookahead": "2d"},
+    {"id": "any_event", "type": "yes_no", "question": "Does the note say an event happened?", "lookback": "2w"},  # absent unknown
+    {"id": "all_event", "type": "yes_no", "rollup": "all", "absent": "no", "question": "Is the event in every note?", "lookback": "3d"},
+]
+TIMED_SCHEMA = pa.schema({**ROLLUP_COLUMNS, "value_date": pa.date32(), "value_text": pa.string(), "grounding": pa.string(),
+                          "verified": pa.bool_(), "model": pa.string(), "row_number": pa.int64(), "sex": pa.string(),
+                          "age": pa.int64()})
+TIMED_ANSWER = st.fixed_dictionaries({
+    "status": st.sampled_from(["answered", "answered", "not_in_note", "error"]),
+    "value_bool": st.one_of(st.none(), st.booleans()),
+    "value_date": st.one_of(st.none(), st.dates(datetime(2149, 12, 1).date(), datetime(2150, 3, 1).date())),
+    "value_text": st.sampled_from([None, "paroxysmal", "permanent", "II", "IV", "other"]),
+    "evidence": st.sampled_from([None, "quote"]),
+    "grounding": st.sampled_from([None, "exact", "not_found"]),
+    "verified": st.sampled_from([None, True, False]),
+    "model": st.sampled_from(["m", "cues"]),
+})
+TIMED_NOTE = st.fixed_dictionaries({
+    "patient": st.sampled_from(["p1", "p2", "p3"]),
+    "days": st.one_of(st.none(), st.integers(0, 20)),
+    "answers": st.lists(TIMED_ANSWER, min_size=len(TIMED_QUESTIONS), max_size=len(TIMED_QUESTIONS)),
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(TIMED_NOTE, min_size=1, max_size=8), st.sampled_from([None, "latest_note", "unknown"]), st.booleans())
+def test_dates_choices_and_windows_equal_in_both_rollups(tmp_path, notes, index, verified):
+    base = {**JOB.model_dump(), "questions": TIMED_QUESTIONS,
+            "review": {"require_grounded_evidence": True, "require_verified_answers": verified}}
+    if index is not None:  # p1 in the table (day 10), p2 and p3 not: they fall back as `missing` says
+        path = tmp_path / "index.parquet"
+        pq.write_table(pa.table({"patient_id": ["p1", "p9"], "index_date": [datetime(2150, 1, 11), datetime(2150, 1, 1)]}), path)
+        base["index"] = {"uri": str(path), "missing": index}
+    job = JobSpec.model_validate(base)
+    rows = []
+    for i, note in enumerate(notes):
+        when = None if note["days"] is None else T0 + timedelta(days=note["days"], hours=i % 24)
+        for question, answer in zip(TIMED_QUESTIONS, note["answers"]):
+            rows.append({"patient_id": note["patient"], "note_id": f"n{i:02d}", "question_id": question["id"],
+                         "charttime": when, "row_number": i, "sex": "F", "age": 70, "value_num": None, "unit": None, **answer})
+    table = pa.Table.from_pylist(rows, schema=TIMED_SCHEMA)
+    fast = columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS))
+    assert fast is not None
+    slow = rollup_sql(table, job)
+    assert fast.schema == slow.schema
+    assert fast.to_pylist() == slow.to_pylist()

@@ -325,3 +325,32 @@ def test_empty_tables_and_jobs_without_criteria():
     out = apply_rules(patients(job, {"a": True}), job)
     assert states(out, "status") == ["eligible"] and states(out, "reasons") == [[]]
     assert cohort_funnel(out, job) == []
+
+
+# --- dates -----------------------------------------------------------------------------------------------------------
+
+def test_days_between_counts_calendar_days_and_a_missing_date_is_unknown():
+    import datetime as dt
+
+    questions = [{"id": "stroke_date", "type": "date", "question": "When did the stroke occur?"},
+                 {"id": "af_type", "type": "categorical", "question": "Which type of AF?", "choices": ["paroxysmal", "permanent"]},
+                 {**YN("recent_stroke"), "lookback": "30d"}]
+    job = make_job([{"id": "exc", "rule": "days_between(stroke_date, index_date) <= 30"},
+                    {"id": "exc_or", "rule": "recent_stroke OR coalesce(days_between(stroke_date, index_date) BETWEEN 0 AND 30, FALSE)"},
+                    {"id": "permanent", "rule": "af_type = 'permanent'"}], questions=questions)
+    D = dt.date
+    table = patients(job,
+                     {"stroke_date": D(2026, 2, 8), "index_date": D(2026, 3, 10), "recent_stroke": False},   # 30 days
+                     {"stroke_date": D(2026, 2, 7), "index_date": D(2026, 3, 10), "recent_stroke": False},   # 31 days
+                     {"stroke_date": D(2025, 12, 31), "index_date": D(2026, 1, 1), "recent_stroke": False},  # 1 day, over a year end
+                     {"stroke_date": None, "index_date": D(2026, 3, 10), "recent_stroke": False, "af_type": "permanent"},
+                     {"stroke_date": None, "index_date": D(2026, 3, 10), "recent_stroke": True, "af_type": "paroxysmal"},
+                     {"stroke_date": D(2026, 3, 12), "index_date": D(2026, 3, 10), "recent_stroke": False})  # after the index
+    ruled = apply_rules(table, job)
+    assert states(ruled, "exc") == ["met", "not_met", "met", "unknown", "unknown", "met"]
+    assert states(ruled, "exc_or") == ["met", "not_met", "met", "not_met", "met", "not_met"]
+    assert states(ruled, "permanent") == ["unknown", "unknown", "unknown", "met", "not_met", "unknown"]
+    text = make_job([{"id": "bad", "rule": "days_between(stroke_date, 'soon') IS NULL AND days_between('2026-03-01', index_date) = 9"}],
+                    questions=questions)
+    # text that is no date is unknown; 1 March to 10 March is 9 days (the third patient's index date is 1 January)
+    assert states(apply_rules(table, text), "bad") == ["met", "met", "not_met", "met", "met", "met"]

@@ -86,14 +86,14 @@ def test_notes_shape(notes, sample):
 def test_generator_questions_are_read_from_the_job():
     job = yaml.safe_load(JOB.read_text())
     questions = job["questions"]
-    assert tuple(q["id"] for q in questions) == syn.QUESTION_IDS
+    assert tuple(q["id"] for q in questions if q["type"] in ("yes_no", "numeric")) == syn.QUESTION_IDS
     assert tuple(q["id"] for q in questions if q["type"] == "yes_no") == syn.YES_NO
     for q in questions:
         if q["type"] == "numeric":
             assert {str(k): v for k, v in q["units"].items()} == syn.FACTORS[q["id"]]
             assert q["unit"] == syn.UNIT[q["id"]] == next(iter(syn.FACTORS[q["id"]]))
             assert q["rollup"] == syn.ROLLUP[q["id"]].__name__
-        else:
+        elif q["type"] == "yes_no":
             assert q["absent"] == "no"  # the generator's gold (and decide()) read an undocumented fact as no
     assert syn.CAPS == {q["id"]: q["cap"] for q in questions if "cap" in q} == {"lvef_min": 55}
     assert {u for units in syn.LAB_UNITS.values() for u in units} <= {u for f in syn.FACTORS.values() for u in f}
@@ -408,3 +408,18 @@ def test_make_extract_counts_ids_and_schema():
     for r in table.to_pylist():
         per_subject[r["subject_id"]].add((r["sex"], r["age"]))
     assert all(len(v) == 1 for v in per_subject.values())
+
+
+def test_decide_counts_recent_events_only_in_their_window_before_the_latest_note():
+    """decide() applies the job's windows in its own arithmetic: 30 days for a stroke, 6 calendar months for a bleed."""
+    import datetime as dt
+
+    af = {q: (q == "atrial_fibrillation", None, None) for q in syn.YES_NO} | {q: (None, None, None) for q in syn.NUMERIC}
+    stroke = af | {"recent_stroke": (True, None, None)}
+    bleed = af | {"recent_serious_bleeding": (True, None, None)}
+    latest = dt.date(2151, 3, 31)
+    assert syn.decide("F", 80, [stroke, af], [dt.date(2151, 3, 1), latest])["exc_recent_stroke"] == "met"  # 30 days
+    assert syn.decide("F", 80, [stroke, af], [dt.date(2151, 2, 28), latest])["exc_recent_stroke"] == "not_met"  # 31
+    assert syn.decide("F", 80, [bleed, af], [dt.date(2150, 9, 30), latest])["exc_bleeding_risk"] == "met"  # 31 March - 6 months
+    assert syn.decide("F", 80, [bleed, af], [dt.date(2150, 9, 29), latest])["exc_bleeding_risk"] == "not_met"
+    assert syn.decide("F", 80, [stroke, af])["exc_recent_stroke"] == "met"  # without dates: any note
