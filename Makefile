@@ -5,7 +5,7 @@ install:
 	EXTRAS=cpu bash scripts/install.sh
 
 install-test:
-	EXTRAS=cpu,test bash scripts/install.sh
+	EXTRAS=cpu,test,train bash scripts/install.sh
 
 # The demo screens the first 24 of the 64 bundled notes (about 6 minutes on 2 CPU cores); the job itself has no limit.
 demo: install

@@ -247,6 +247,80 @@ def _parse_price(text: str) -> tuple[str, float]:
         raise EngineError(f"--price {text!r}: write NAME=USD, e.g. h100=2.5") from None
 
 
+@app.command()
+@reports_errors
+def synth(
+    job_path: JobArg,
+    output: Annotated[Path, typer.Option("--output", help="Folder for train.jsonl, eval.jsonl and synth.json (the card).")],
+    notes: Annotated[Optional[str], typer.Option("--notes", help="Unlabelled notes (Parquet, local or s3://) for weak labels from the cues; never a held-out set.")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="A model that answers the same prompts (a local path or shipped model name); only its verified answers are kept.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Training examples to keep: balanced per question and answer class, hardest first.")] = None,
+    synthetic_patients: Annotated[int, typer.Option("--synthetic-patients", min=0, help="Patients from the synthetic-note generator (gold answers).")] = 60,
+    window_chars: Annotated[Optional[int], typer.Option("--window-chars", min=200, help="Cut notes into windows of about this many characters, so examples fit a small model's context.")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", min=64, help="Leave out examples whose prompt is longer (tokens of the job's model).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Read at most this many notes from --notes.")] = None,
+    eval_share: Annotated[float, typer.Option("--eval-share", min=0.0, max=0.5, help="Share of patients held out for eval.jsonl.")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic notes, the balance and the split.")] = 0,
+) -> None:
+    """Training data for the job's own questions, in exactly the prompt and answer format the engine serves."""
+    from engine.distill.synth import synth as make_data
+
+    job = _load(job_path)
+    if not notes and not synthetic_patients:
+        raise EngineError("nothing to make examples from: give --notes URI and/or --synthetic-patients N (> 0)")
+    card = make_data(job, output, notes=notes, teacher=teacher, n=n, synthetic_patients=synthetic_patients, seed=seed,
+                     eval_share=eval_share, limit=limit, max_prompt_tokens=max_prompt_tokens, window_chars=window_chars)
+    train_total, eval_total = card.train.get("examples", 0), card.eval.get("examples", 0)
+    console.print(f"{train_total} training and {eval_total} eval examples in {card.seconds:.0f} s "
+                  f"(candidates: {', '.join(f'{k} {v}' for k, v in card.candidates.items()) or 'none'})", markup=False)
+    table = Table(title="Training examples by answer class")
+    for name in ("answer class", "train", "eval"):
+        table.add_column(name, justify="left" if name == "answer class" else "right")
+    for label in sorted(set(card.train.get("by_label", {})) | set(card.eval.get("by_label", {}))):
+        table.add_row(label, str(card.train.get("by_label", {}).get(label, 0)), str(card.eval.get("by_label", {}).get(label, 0)))
+    console.print(table)
+    for reason, count in card.dropped.items():
+        console.print(f"  left out: {count} {reason}", markup=False, soft_wrap=True)
+    if not train_total:
+        raise EngineError(f"no training example survived the checks (see {output / 'synth.json'}); give more notes or synthetic patients")
+    console.print(f"Written: {output / 'train.jsonl'}, {output / 'eval.jsonl'}, {output / 'synth.json'}", markup=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def train(
+    job_path: JobArg,
+    data: Annotated[Path, typer.Option("--data", help="A folder written by `engine synth` (train.jsonl, eval.jsonl, synth.json).")],
+    output: Annotated[Path, typer.Option("--output", help="Adapter folder; use it as model.adapter in the job. Checkpoints go in its checkpoints/.")],
+    rank: Annotated[int, typer.Option("--rank", min=1, max=256, help="LoRA rank.")] = 8,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=0.0, help="Peak learning rate (cosine schedule).")] = 2e-4,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.0, help="Passes over train.jsonl (ignored when --max-steps is given).")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps to run, overriding --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per device step.")] = 1,
+    gradient_accumulation: Annotated[int, typer.Option("--gradient-accumulation", min=1, help="Device steps per optimizer step.")] = 8,
+    save_steps: Annotated[int, typer.Option("--save-steps", min=1, help="Write a checkpoint every this many steps.")] = 25,
+    max_length: Annotated[int, typer.Option("--max-length", min=64, help="Leave out examples longer than this many tokens.")] = 4096,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, dropout and data order.")] = 0,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming from the last checkpoint in OUTPUT/checkpoints.")] = False,
+) -> None:
+    """Train a LoRA adapter of the job's model (peft) on `engine synth` data; resumes from its last checkpoint."""
+    from engine.distill.train import TrainSettings, last_checkpoint
+    from engine.distill.train import train as fit
+
+    job = _load(job_path)
+    settings = TrainSettings(rank=rank, alpha=2 * rank, learning_rate=learning_rate, epochs=epochs,
+                             max_steps=max_steps or -1, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                             save_steps=save_steps, seed=seed, max_length=max_length)
+    checkpoint = None if fresh else last_checkpoint(output)
+    if checkpoint:
+        console.print(f"Resuming from {checkpoint} (--fresh starts over)", markup=False, soft_wrap=True)
+    card = fit(job, data, output, settings, resume=not fresh)
+    before = f"{card.eval_loss_before} -> " if card.eval_loss_before is not None else ""
+    console.print(f"{card.steps} steps on {card.examples} examples in {card.seconds:.0f} s ({card.tokens_per_second:.0f} tokens/s, "
+                  f"{card.device}); train loss {card.train_loss}, eval loss {before}{card.eval_loss}", markup=False, soft_wrap=True)
+    console.print(f"Adapter written to {output}; serve it with `model: {{adapter: {output}}}` in the job", markup=False, soft_wrap=True)
+
+
 @app.command(name="eval")
 @reports_errors
 def evaluate_answers(

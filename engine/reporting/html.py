@@ -181,6 +181,9 @@ def interval_plot(chart_id: str, rows: list[dict]) -> dict:
                             label_width + PLOT_WIDTH / 2)}
 
 
+VALUE_WORDS = {"numeric": "numbers", "date": "dates", "categorical": "choices"}
+
+
 # --- data to rows ----------------------------------------------------------------------------------------------
 def answer_rows(answers, job: JobSpec | None, by_question: dict | None = None) -> list[dict]:
     """One bar per question from the per-(question, category) counts: report.json's `answers_by_question` when
@@ -188,13 +191,17 @@ def answer_rows(answers, job: JobSpec | None, by_question: dict | None = None) -
     from engine.store.answers import answer_categories
 
     by_question = by_question if by_question is not None else answer_categories(answers)
-    order = [q.id for q in job.questions if q.id in by_question] if job else []
-    order += sorted(set(by_question) - set(order))
+    types = {q.id: q.type for q in job.questions} if job else {}
+    order = list(types) + sorted(set(by_question) - set(types))  # every job question, an empty bar when it has no rows
     rows = []
     for qid in order:
-        got = by_question[qid]
+        got = by_question.get(qid, {})
         segments = {k: got.get(k, 0) for k in ANSWER_COLOURS}
-        said = f"yes {segments['yes']} / no {segments['no']}" if segments["yes"] + segments["no"] else f"numbers {segments['value']}"
+        if not any(segments.values()):
+            rows.append({"id": qid, "label": qid, "segments": segments, "note": "no answer rows"})
+            continue
+        values = VALUE_WORDS.get(types.get(qid), "values")
+        said = f"yes {segments['yes']} / no {segments['no']}" if segments["yes"] + segments["no"] else f"{values} {segments['value']}"
         note = f"{said}, not in note {segments['not_in_note']}, errors {segments['error']}"
         rows.append({"id": qid, "label": qid, "segments": segments, "note": note})
     return rows
