@@ -98,3 +98,24 @@ def e2e_hybrid_run(apixaban_job, tiny_model, ray_local, tmp_path_factory, e2e_in
                   evidence_max_chars=24, max_tokens=64)
     report, stats = run_job(job, limit=E2E_NOTES)
     return job, report, output
+
+
+@pytest.fixture(scope="session")
+def synth_folder(tmp_path_factory, tiny_model) -> Path:
+    """`engine synth` on 6 bundled notes (windows) and 6 synthetic patients, the job's model the tiny one; the job
+    file it used is beside the data (../job.yaml)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    folder = tmp_path_factory.mktemp("synth")
+    job = yaml.safe_load(APIXABAN_JOB.read_text(encoding="utf-8"))
+    job["model"]["name"] = str(tiny_model)
+    job_path = folder / "job.yaml"
+    job_path.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+    result = CliRunner().invoke(app, ["synth", str(job_path), "--output", str(folder / "data"), "--notes", str(SAMPLE_NOTES),
+                                      "--limit", "6", "--synthetic-patients", "6", "--window-chars", "1500", "--n", "120"])
+    assert result.exit_code == 0, result.output
+    assert "training and" in result.output and "Written:" in result.output
+    return folder / "data"

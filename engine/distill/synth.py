@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from engine.job import JobSpec
 from engine.plan import Plan, PlannedQuestion, make_plan
-from engine.prompt import SYSTEM_PROMPT, render_messages
+from engine.prompt import SYSTEM_PROMPT, note_date_hint, render_messages
 from engine.stages.answer import answer_rows
 from engine.stages.cues import find_mentions
 from engine.stages.generate import GENERATION_COLUMNS, GenerateAnswers
@@ -93,10 +93,14 @@ def renderer_hash() -> str:
     return hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12]
 
 
+ANSWER_FIELD = {"numeric": "value", "date": "date", "categorical": "choice"}  # the field that holds the answer
+
+
 def label_of(question: PlannedQuestion, target: dict) -> str:
+    """The answer class: yes / no / not_in_note for yes/no questions; value / not_in_note for the others."""
     if question.spec.type == "yes_no":
         return target["answer"]
-    return "value" if target.get("value") is not None else "not_in_note"
+    return "value" if target.get(ANSWER_FIELD[question.spec.type]) is not None else "not_in_note"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def _hybrid(job: JobSpec, uri: str) -> JobSpec:
 
 def _row_dicts(rows: pa.Table) -> list[dict]:
     keep = [c for c in ("note_id", "patient_id", "question_id", "route", "candidates", "cue_output", "cue_hint",
-                        "counted_mentions", "note_error") if c in rows.schema.names]
+                        "counted_mentions", "note_error", "charttime") if c in rows.schema.names]
     return rows.select(keep).to_pylist()
 
 
@@ -351,8 +355,10 @@ def _checked(rows: pa.Table, picked: list[int], plan: Plan, source: str, targets
         question = plan.by_id[r["question_id"]]
         hard = (agree is not None and not agree[i]) or source == "teacher" or r["route"] == "model"
         hardness = (10.0 if hard else 0.0) + min(r["candidates"] or 0, 9)
+        # as model mode serves it: the note and the question (a date question also the note's date, see candidates)
+        served_hint = note_date_hint(r.get("charttime")) if question.spec.type == "date" else ""
         examples.append(Example(r["note_id"], str(r["patient_id"]), r["question_id"], source, label_of(question, target),
-                                raw, render_messages(text, question), hardness))
+                                raw, render_messages(text, question, served_hint), hardness))
         if r["route"] == "model" and r["cue_hint"]:  # hybrid serves ambiguous pairs with the cue hint: teach that too
             examples.append(Example(r["note_id"], str(r["patient_id"]), r["question_id"], source,
                                     label_of(question, target), raw, render_messages(text, question, r["cue_hint"]), hardness))

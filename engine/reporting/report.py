@@ -54,6 +54,7 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "engine_version": __version__,
         "backend": job.model.backend,
         "model": job.model.name,
+        "adapter": job.model.adapter,  # the LoRA adapter served on top of `model` (engine train), or null
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": totals["notes"],
         "limit": getattr(stats, "limit", None),  # the run's --limit (or input.limit); null: the whole input
