@@ -207,10 +207,14 @@ def estimate(
     gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="Shipped profile(s): h100, a100, l4 (default: all).")] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Also measure this machine with the job's model on a few notes (minutes on CPU).")] = False,
     price: Annotated[Optional[list[str]], typer.Option("--price", help="Override a price per GPU-hour: NAME=USD, e.g. h100=2.5.")] = None,
+    synth_dir: Annotated[Optional[Path], typer.Option("--synth", help="An `engine synth` folder: the distillation cost from its card (default: the job's model.adapter's training data, if any).")] = None,
+    distill_examples: Annotated[Optional[int], typer.Option("--distill-examples", min=1, help="Training examples to cost when there is no synth card.")] = None,
+    teacher_size: Annotated[float, typer.Option("--teacher-size", min=0.0, help="Teacher model size in billions of parameters (0: no teacher, cue and synthetic labels only).")] = 70.0,
 ) -> None:
-    """Project wall time, GPU-hours and dollars for N patients from the job's token counts and a throughput profile."""
+    """Project wall time, GPU-hours and dollars for N patients from the job's token counts and a throughput profile,
+    and the one-off distillation cost (teacher tokens, LoRA training GPU-hours) beside it."""
     from engine.estimate import calibrate as run_calibration
-    from engine.estimate import measure_workload, project, shipped_profiles
+    from engine.estimate import distillation_workload, measure_workload, project, project_distillation, shipped_profiles
     from engine.store.layout import OutputStore
 
     job = _load(job_path)
@@ -235,6 +239,30 @@ def estimate(
     console.print(table)
     for r in results:
         console.print(f"[bold]{r['profile']}[/] ({r['source']})")
+        for line in r["arithmetic"]:
+            console.print(f"  {line}", markup=False, soft_wrap=True)
+    adapter = Path(job.model.adapter) if job.model.adapter and Path(job.model.adapter).is_dir() else None
+    distill = distillation_workload(workload, synth_dir, adapter, distill_examples, teacher=teacher_size > 0)
+    _print_distillation(distill, [p for p in chosen if p.name != "measured"], teacher_size, results)
+
+
+def _print_distillation(distill, profiles, teacher_size: float, screening: list[dict]) -> None:
+    from engine.estimate import project_distillation
+
+    console.print(f"\n[bold]Distillation, once per job[/] ({distill.source})")
+    if distill.measured:
+        console.print(f"  {distill.measured}", markup=False, soft_wrap=True)
+    table = Table(title="Distillation (teacher labels + LoRA training of an 8B student)")
+    for name in ("profile", "teacher tokens", "teacher GPU-h", "training tokens", "training GPU-h", "USD", "= screening of"):
+        table.add_column(name, justify="left" if name == "profile" else "right")
+    per_patient = {r["profile"]: r["usd"] / r["patients"] for r in screening}
+    results = [project_distillation(distill, p, teacher_size) for p in profiles]
+    for r in results:
+        patients = r["usd"] / per_patient[r["profile"]] if per_patient.get(r["profile"]) else 0
+        table.add_row(r["profile"], f"{r['teacher_tokens']:,.0f}", f"{r['teacher_gpu_hours']:.3f}", f"{r['train_tokens']:,.0f}",
+                      f"{r['train_gpu_hours']:.3f}", f"{r['usd']:,.2f}", f"{patients:,.0f} patients")
+    console.print(table)
+    for r in results[:1]:
         for line in r["arithmetic"]:
             console.print(f"  {line}", markup=False, soft_wrap=True)
 

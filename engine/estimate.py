@@ -145,3 +145,89 @@ def calibrate(job: JobSpec, notes: int = 8) -> Profile:
     return Profile("measured", computed / prefill_seconds, decode_tokens / decode_seconds, job.pricing.usd_per_hour,
                    f"calibrated here: {len(requests)} pairs, {computed} computed prompt tokens in {prefill_seconds:.1f} s, "
                    f"{decode_tokens} completion tokens in {decode_seconds:.1f} s extra")
+
+
+# --- distillation (one-off): teacher tokens and LoRA training GPU-hours, as the reference study reported ----------
+
+PROFILE_PARAMS_B = 8.0  # the shipped profiles are for an 8B model
+LORA_PASS_FACTOR = 2.0  # a LoRA step per token: forward (2N FLOPs) + activation gradients (2N); frozen weights get none
+DEFAULT_DISTILL_EXAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Distillation:
+    examples: int  # training examples
+    tokens_per_example: float  # prompt + answer tokens
+    epochs: float
+    teacher_requests: int
+    teacher_prompt_tokens: float
+    teacher_completion_tokens: float
+    source: str
+    measured: str | None = None  # what this machine's own training run took, from train.json
+
+
+def distillation_workload(workload: Workload, synth_dir: Path | None = None, adapter_dir: Path | None = None,
+                          examples: int | None = None, epochs: float = 1.0, teacher: bool = True) -> Distillation:
+    """The distillation's token counts: from an `engine synth` card (and an `engine train` card) when there is one,
+    otherwise `examples` windows shaped like the job's own prompts, each labelled once by a teacher."""
+    train_card = _card(adapter_dir, "train.json")
+    if synth_dir is None and train_card.get("data"):
+        synth_dir = Path(train_card["data"])
+    synth_card = _card(synth_dir, "synth.json")
+    measured = None
+    if train_card.get("tokens"):
+        measured = (f"measured by `engine train` ({adapter_dir}): {train_card['tokens']:,} tokens in {train_card['seconds']:,.0f} s, "
+                    f"{train_card['tokens_per_second']:,.0f} tokens/s on {train_card.get('device', 'cpu')}, {train_card['steps']} steps")
+        settings = train_card.get("settings", {})
+        seen = train_card["steps"] * settings.get("batch_size", 1) * settings.get("gradient_accumulation", 1)
+        epochs = seen / max(train_card.get("examples") or 1, 1)
+    if synth_card.get("train"):
+        n = synth_card["train"]["examples"]
+        per_example = synth_card["train"]["prompt_tokens"] / max(n, 1) + workload.answer_tokens
+        usage = synth_card.get("teacher_usage") or {}
+        return Distillation(n, per_example, epochs, usage.get("requests", 0), usage.get("prompt_tokens", 0),
+                            usage.get("completion_tokens", 0), f"engine synth card ({synth_dir / 'synth.json'})", measured)
+    n = examples or DEFAULT_DISTILL_EXAMPLES
+    per_example = workload.note_tokens + workload.suffix_tokens + workload.answer_tokens
+    requests = n if teacher else 0
+    return Distillation(n, per_example, epochs, requests, requests * (per_example - workload.answer_tokens),
+                        requests * workload.answer_tokens,
+                        f"assumed: {n:,} examples shaped like this job's prompts, each labelled by the teacher once", measured)
+
+
+def _card(folder: Path | None, name: str) -> dict:
+    import json
+
+    if folder is None or not (Path(folder) / name).exists():
+        return {}
+    return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+
+
+def project_distillation(d: Distillation, profile: Profile, teacher_params_b: float, student_params_b: float = PROFILE_PARAMS_B) -> dict:
+    """Teacher inference and LoRA training on one GPU of `profile` (an 8B profile, scaled by parameter count)."""
+    teacher_scale = teacher_params_b / PROFILE_PARAMS_B
+    student_scale = student_params_b / PROFILE_PARAMS_B
+    teacher_seconds = (d.teacher_prompt_tokens / profile.prefill_tokens_per_second
+                       + d.teacher_completion_tokens / profile.decode_tokens_per_second) * teacher_scale
+    train_tokens = d.examples * d.tokens_per_example * d.epochs
+    train_rate = profile.prefill_tokens_per_second / (LORA_PASS_FACTOR * student_scale)
+    train_seconds = train_tokens / train_rate
+    teacher_hours, train_hours = teacher_seconds / 3600, train_seconds / 3600
+    usd = (teacher_hours + train_hours) * profile.usd_per_hour
+    return {
+        "profile": profile.name, "teacher_tokens": d.teacher_prompt_tokens + d.teacher_completion_tokens,
+        "teacher_gpu_hours": teacher_hours, "train_tokens": train_tokens, "train_gpu_hours": train_hours,
+        "gpu_hours": teacher_hours + train_hours, "usd": usd,
+        "arithmetic": [
+            f"teacher tokens = {d.teacher_prompt_tokens:,.0f} prompt + {d.teacher_completion_tokens:,.0f} completion "
+            f"({d.teacher_requests:,} requests)",
+            f"teacher GPU-hours = ({d.teacher_prompt_tokens:,.0f} / {profile.prefill_tokens_per_second:,.0f} + "
+            f"{d.teacher_completion_tokens:,.0f} / {profile.decode_tokens_per_second:,.0f}) x {teacher_params_b:g}B/{PROFILE_PARAMS_B:g}B "
+            f"/ 3600 = {teacher_hours:.3f}",
+            f"training tokens = {d.examples:,} examples x {d.tokens_per_example:,.0f} tokens x {d.epochs:.2f} epochs = {train_tokens:,.0f}",
+            f"training rate = {profile.prefill_tokens_per_second:,.0f} prefill tokens/s / ({LORA_PASS_FACTOR:g} LoRA forward+backward "
+            f"x {student_params_b:g}B/{PROFILE_PARAMS_B:g}B) = {train_rate:,.0f} tokens/s",
+            f"training GPU-hours = {train_tokens:,.0f} / {train_rate:,.0f} / 3600 = {train_hours:.3f}",
+            f"cost = ({teacher_hours:.3f} + {train_hours:.3f}) h x ${profile.usd_per_hour:.2f}/h = ${usd:,.2f} (once, not per patient)",
+        ],
+    }

@@ -81,6 +81,7 @@ class SynthCard:
     dropped: dict = field(default_factory=dict)  # reason -> count
     train: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
+    teacher_usage: dict = field(default_factory=dict)  # requests, prompt_tokens, completion_tokens (engine estimate)
     seconds: float = 0.0
 
 
@@ -305,7 +306,7 @@ def _agrees(question: PlannedQuestion, cue: dict, gold: dict) -> bool:
     return math.isclose(said, gold["value_num"] * spec.units[gold["unit"] or spec.unit], rel_tol=1e-3, abs_tol=1e-6)
 
 
-def from_teacher(job: JobSpec, plan: Plan, rows: pa.Table, teacher: str, dropped: Counter) -> list:
+def from_teacher(job: JobSpec, plan: Plan, rows: pa.Table, teacher: str, dropped: Counter, usage: dict | None = None) -> list:
     """A stronger model answers the pairs the cues find ambiguous (route model); only verified answers are kept."""
     ambiguous = pc.indices_nonzero(pc.fill_null(pc.equal(rows["route"], "model"), False)).to_pylist()
     if not ambiguous:
@@ -320,6 +321,9 @@ def from_teacher(job: JobSpec, plan: Plan, rows: pa.Table, teacher: str, dropped
     finally:
         generate.backend.close()
     raw = generated["raw_output"].to_pylist()
+    if usage is not None:
+        usage.update(requests=len(ambiguous), prompt_tokens=int(pc.sum(generated["prompt_tokens"]).as_py() or 0),
+                     completion_tokens=int(pc.sum(generated["completion_tokens"]).as_py() or 0))
     subset = rows.take(ambiguous)
     targets = []
     keep = []
@@ -449,7 +453,7 @@ def synth(job: JobSpec, output: Path, *, notes: str | None = None, teacher: str 
             weak, rows = from_cues(job, plan, uri, None if window_chars else limit, dropped)
             examples += weak
             if teacher:
-                examples += from_teacher(job, plan, rows, teacher, dropped)
+                examples += from_teacher(job, plan, rows, teacher, dropped, card.teacher_usage)
         if synthetic_patients:
             examples += from_synthetic(job, plan, synthetic_patients, seed + 1009, Path(tmp), dropped, window_chars)
     card.candidates = dict(Counter(e.source for e in examples))

@@ -54,3 +54,43 @@ def test_under_filled_engine_warning_names_the_number_to_change(apixaban_job):
     small = apixaban_job.model_copy(update={"batching": apixaban_job.batching.model_copy(update={"notes_per_batch": 2})})
     (warning,) = batching_warnings(small)
     assert "raise notes_per_batch to 6" in warning and "max_num_seqs 128" in warning
+
+
+def test_distillation_arithmetic_by_hand():
+    from engine.estimate import Distillation, project_distillation
+
+    profile = Profile("gpu", prefill_tokens_per_second=20_000, decode_tokens_per_second=10_000, usd_per_hour=4.0, source="test")
+    d = Distillation(examples=1_000, tokens_per_example=900.0, epochs=2.0, teacher_requests=1_000,
+                     teacher_prompt_tokens=880_000, teacher_completion_tokens=20_000, source="test")
+    result = project_distillation(d, profile, teacher_params_b=70)
+    teacher_hours = (880_000 / 20_000 + 20_000 / 10_000) * 70 / 8 / 3600
+    train_hours = 1_000 * 900 * 2 / (20_000 / 2) / 3600  # LoRA step = 2 x a prefill token's work
+    assert result["teacher_tokens"] == 900_000
+    assert result["teacher_gpu_hours"] == pytest.approx(teacher_hours)
+    assert result["train_gpu_hours"] == pytest.approx(train_hours)
+    assert result["usd"] == pytest.approx((teacher_hours + train_hours) * 4.0)
+    no_teacher = project_distillation(d, profile, teacher_params_b=0)
+    assert no_teacher["teacher_gpu_hours"] == 0 and no_teacher["train_gpu_hours"] == pytest.approx(train_hours)
+
+
+def test_distillation_reads_the_synth_and_train_cards(tmp_path):
+    import json
+
+    from engine.estimate import distillation_workload
+
+    synth, adapter = tmp_path / "synth", tmp_path / "adapter"
+    synth.mkdir(), adapter.mkdir()
+    (synth / "synth.json").write_text(json.dumps({"train": {"examples": 400, "prompt_tokens": 320_000},
+                                                  "teacher_usage": {"requests": 50, "prompt_tokens": 40_000, "completion_tokens": 900}}))
+    (adapter / "train.json").write_text(json.dumps({"data": str(synth), "tokens": 123_000, "seconds": 800.0, "tokens_per_second": 153.75,
+                                                    "steps": 100, "examples": 400, "device": "cpu",
+                                                    "settings": {"batch_size": 1, "gradient_accumulation": 8}}))
+    d = distillation_workload(workload(), adapter_dir=adapter)
+    assert d.examples == 400 and d.tokens_per_example == pytest.approx(800 + 20)  # prompt + the answer tokens
+    assert d.epochs == pytest.approx(2.0)  # 100 steps x 8 examples / 400
+    assert (d.teacher_requests, d.teacher_prompt_tokens, d.teacher_completion_tokens) == (50, 40_000, 900)
+    assert "123,000 tokens in 800 s" in d.measured and "synth.json" in d.source
+    assumed = distillation_workload(workload(), examples=2_000)
+    assert assumed.examples == 2_000 and assumed.teacher_requests == 2_000
+    assert assumed.tokens_per_example == pytest.approx(1000 + 30 + 20) and "assumed" in assumed.source
+    assert distillation_workload(workload(), examples=2_000, teacher=False).teacher_prompt_tokens == 0
