@@ -14,6 +14,7 @@ worse"), and what verification did (answers checked, failed by reason, cue answe
     .venv/bin/python benchmarks/verified.py                         # data/heldout, lexical + hybrid
     .venv/bin/python benchmarks/verified.py --model-mode            # plus every pair to the model
     .venv/bin/python benchmarks/verified.py --notes my.parquet --labels my_gold.parquet
+    .venv/bin/python benchmarks/verified.py --model-mode --adapter models/apixaban-smollm2-lora   # a trained adapter
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--notes", default=str(ROOT / "data" / "heldout" / "notes.parquet"))
     parser.add_argument("--labels", default=str(ROOT / "data" / "heldout" / "gold.parquet"))
     parser.add_argument("--model-mode", action="store_true", help="also ask the model every pair (slow on a CPU)")
+    parser.add_argument("--adapter", help="serve this LoRA adapter (engine train) instead of the job's model.adapter; 'none' for the base model")
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args()
 
@@ -89,6 +91,10 @@ def main() -> None:
     from engine.job import load_job
 
     job = load_job(args.job)
+    if args.adapter:
+        adapter = None if args.adapter == "none" else str(Path(args.adapter).resolve())
+        job = job.model_copy(update={"model": job.model.model_copy(update={"adapter": adapter})})
+    print(f"model {job.model.name}, adapter {job.model.adapter or 'none'}")
     labels = pq.read_table(args.labels)
     scoped = job.model_copy(update={"input": job.input.model_copy(update={"uri": args.notes, "limit": None})})
     started = time.perf_counter()
