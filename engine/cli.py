@@ -406,13 +406,18 @@ def print_summary(report: dict, output_uri: str) -> None:
         ("completion tokens per answer", _fmt(report.get("completion_tokens_per_answer"))),
         ("wall seconds (start-up)", f"{_fmt(report.get('wall_seconds'))} ({_fmt(report.get('startup_seconds'))})"),
         ("pairs per second", _fmt(report.get("pairs_per_second"))),
-        ("cost per 10k patients (USD)", _fmt(report.get("cost_per_10k_patients_usd"))),
+        ("cost per 10k patients (USD)", _fmt(report.get("cost_per_10k_patients_usd"))
+         + (" from tokens" if report.get("cost_basis") == "tokens" else "")),
         ("cohort", json.dumps(report["cohort"]["status"])),
     ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
     console.print(f"Output: {output_uri} (answers/, patients/, report.json)")
+    if report.get("server_unavailable_rows"):
+        console.print(f"[yellow]Warning:[/] {report['server_unavailable_rows']} (note, question) pairs met the model server "
+                      "unavailable (error rows 'model server unavailable: ...'); run the same command again when it is "
+                      "back: only those pairs are asked again.", soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -272,7 +272,7 @@ def test_token_cost_by_hand():
     assert token_cost(same_price, 1_000_000, 800_000, 0) == pytest.approx(0.15)
 
 
-def test_report_prices_an_openai_run_by_its_tokens_and_counts_unavailable_rows(tmp_path):
+def test_report_prices_an_openai_run_by_its_tokens_and_counts_unavailable_rows(tmp_path, capsys):
     from report_fixtures import gold_answers, write_output_folder
 
     data = openai_job().model_dump()
@@ -295,6 +295,12 @@ def test_report_prices_an_openai_run_by_its_tokens_and_counts_unavailable_rows(t
     assert report["cost_method"].startswith(f"tokens: ({priced * 100:,} computed prompt x $2.0/M + {priced * 900:,} cached")
     assert report["model_outputs"] == priced and report["schema_valid_rate"] == 1.0  # a request never answered is no output
     assert report["this_run"]["shards_redone"] == 0 and report["this_run"]["pairs_redone"] == 0
+    from engine.cli import print_summary
+
+    print_summary(report, str(tmp_path / "out"))
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "from tokens" in printed
+    assert "Warning: 7 (note, question) pairs met the model server unavailable" in printed and "only those pairs are asked again" in printed
 
 
 def test_other_backends_keep_the_hardware_hour_cost(tmp_path):
