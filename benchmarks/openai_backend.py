@@ -10,7 +10,7 @@ tokens, and how many answers the two legs share (same prompt tokens, greedy deco
 all agree).
 
     .venv/bin/python benchmarks/openai_backend.py --model tiny --notes 8 --repeats 2
-    .venv/bin/python benchmarks/openai_backend.py --model embedded --notes 4
+    .venv/bin/python benchmarks/openai_backend.py --model embedded --notes 4 --max-concurrency 128 --timeout-s 900
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def run_leg(job, notes: int, output: Path) -> dict:
             "answers": answers.to_pylist()}
 
 
-def served(job, server, max_concurrency: int):
+def served(job, server, max_concurrency: int, timeout_s: float):
     model = job.model.model_copy(update={"backend": "openai", "base_url": server.base_url, "api_key_env": None,
-                                         "max_concurrency": max_concurrency, "name": job.model.name})
+                                         "max_concurrency": max_concurrency, "timeout_s": timeout_s})
     return job.model_copy(update={"model": model})
 
 
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--notes", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="in-process then server, this many times")
     parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="model.timeout_s: with many requests in flight on "
+                        "a slow CPU each one lasts about as long as the whole batch; give it that")
     args = parser.parse_args()
 
     from engine.runtime import ensure_ray
@@ -95,7 +97,7 @@ def main() -> None:
         server.start()
         server_start = round(time.perf_counter() - started, 1)
         try:
-            remote = run_leg(served(job, server, args.max_concurrency), args.notes, work / f"server-{repeat}")
+            remote = run_leg(served(job, server, args.max_concurrency, args.timeout_s), args.notes, work / f"server-{repeat}")
         finally:
             server.stop()
         same = sum(a == b for a, b in zip(inproc.pop("answers"), remote.pop("answers")))
@@ -108,7 +110,7 @@ def main() -> None:
 def print_table(results: list[dict], args, job, dtype: str) -> None:
     load = os.getloadavg()[0]
     print(f"\n{args.notes} notes x {len(job.questions)} questions, extraction model, model {job.model.name} ({dtype}), "
-          f"{os.cpu_count()} CPU cores, load average {load:.1f}")
+          f"max_concurrency {args.max_concurrency}, {os.cpu_count()} CPU cores, load average {load:.1f}")
     print(f"{'leg':28} {'pairs':>6} {'pairs/s steady':>15} {'pairs/s wall':>13} {'wall s':>7} {'start-up s':>11} "
           f"{'prompt tok':>11} {'cached':>9} {'completion':>11} {'valid':>6} {'same answers':>13}")
     for r in results:
