@@ -23,13 +23,13 @@ from conftest import SAMPLE_NOTES, job_for
 pytestmark = pytest.mark.e2e
 
 QUESTIONS = ("atrial_fibrillation", "heart_failure", "stroke_date", "creatinine_max", "platelets_min", "hemoglobin_min")
-NOTES = 10
+NOTES = 8
 PRICES = {"usd_per_million_prompt_tokens": 0.15, "usd_per_million_cached_prompt_tokens": 0.075,
           "usd_per_million_completion_tokens": 0.60}
 
 
 def served_job(apixaban_job, server, output: Path):
-    """Six of the job's questions (a yes/no, a date and numbers) over 10 bundled notes, 2 notes a shard, asked of
+    """Six of the job's questions (yes/no, a date and numbers) over 8 bundled notes, 2 notes a shard, asked of
     the server; one retry, so a dead server is an error row within a second or two."""
     job = job_for(apixaban_job, model=server.model, output=output, backend="openai", base_url=server.base_url,
                   api_key_env=None, max_model_len=1024, evidence_max_chars=24, max_tokens=64, max_retries=1, timeout_s=30.0)

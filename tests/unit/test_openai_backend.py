@@ -91,7 +91,8 @@ def test_a_run_without_the_key_stops_in_one_line_before_ray(tmp_path, monkeypatc
     import ray
 
     monkeypatch.delenv("ENGINE_TEST_MISSING_KEY", raising=False)
-    path = write_job(tmp_path, {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "ENGINE_TEST_MISSING_KEY"})
+    path = write_job(tmp_path, {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "name": "served-model",
+                                "api_key_env": "ENGINE_TEST_MISSING_KEY"})
     result = CliRunner().invoke(app, ["run", str(path), "--output", str(tmp_path / "out")], env={"COLUMNS": "400"})
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
