@@ -94,16 +94,25 @@ def generation_from(response, truncated: bool) -> Generation:
 
 def local_tokenizer(name: str):
     """The model's tokenizer when it is on this machine (a folder, the embedded model, a hub id in the local cache),
-    without any download; None for a model only the server has (then the note is cut by characters)."""
+    without any download; None for a model only the server has (then the note is cut by characters). transformers
+    (and with it torch) is imported only when there is a tokenizer to load."""
     from engine.models import resolve_model
 
     try:
         path = resolve_model(name)
+        if not os.path.isdir(path) and not _in_hub_cache(path):
+            return None
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:  # noqa: BLE001 - no local tokenizer is a normal case (a hosted model), not an error
         return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "tokenizer_config.json"), str)
 
 
 def check_server(job: JobSpec) -> None:
