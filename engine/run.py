@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 import warnings
@@ -24,6 +24,7 @@ from engine.stages.answer import answer_rows
 from engine.stages.expand import expand_questions
 from engine.stages.generate import GenerateAnswers
 from engine.stages.read import InputPlan, Shard, iter_notes, plan_input
+from engine.store.redo import keep_redo_pairs
 
 ACTOR_RESTARTS = 2  # a crashed engine actor is restarted by Ray and its batch retried this many times
 
@@ -38,6 +39,8 @@ class RunStats:
     shards_total: int = 0
     shards_resumed: int = 0
     shards_committed: int = 0
+    shards_redone: int = 0  # committed shards whose model-server-unavailable rows this run asked again
+    pairs_redone: int = 0
     notes_processed: int = 0
     pairs_processed: int = 0
     engine_seconds: float = 0.0  # summed busy time of the model actors (measured inside them)
@@ -64,9 +67,14 @@ def notes_stage(batch: pa.Table, job_json: str, schema: pa.Schema):
     plan = _plan(job_json)
     step = plan.job.batching.notes_per_batch
     for item in batch["shards"].to_pylist():
-        for notes in iter_notes(plan.job.input, [Shard(**s) for s in json.loads(item)], schema, step):
+        shards = [Shard(**s) for s in json.loads(item)]
+        redo = {s.shard_id: {(row, question) for row, question in s.redo} for s in shards if s.redo}
+        for notes in iter_notes(plan.job.input, shards, schema, step):
             started = time.perf_counter()
-            rows = find_candidates(expand_questions(notes, plan.question_ids), plan)
+            rows = keep_redo_pairs(expand_questions(notes, plan.question_ids), redo)
+            if rows.num_rows == 0:
+                continue
+            rows = find_candidates(rows, plan)
             share = (time.perf_counter() - started) / max(rows.num_rows, 1)
             yield rows.append_column("cue_seconds", pa.array(np.full(rows.num_rows, share)))
         pa.default_memory_pool().release_unused()  # an idle worker would keep the row group's pages otherwise
@@ -101,9 +109,11 @@ class AnswerBatches(GenerateAnswers):
     (engine.store.commit) hears of them before the batch returns, and commits the staged shards as they complete.
     """
 
-    def __init__(self, job_json: str, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int]):
+    def __init__(self, job_json: str, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int],
+                 redo_shards: tuple = ()):
         super().__init__(job_json)
         self.schema, self.fingerprint, self.ledger, self.expected = schema, fingerprint, ledger, expected
+        self.redo_shards = frozenset(redo_shards)
         self.store = OutputStore(self.plan.job.output.uri, self.plan.job.output.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -113,7 +123,7 @@ class AnswerBatches(GenerateAnswers):
         cue_seconds = batch["cue_seconds"]
         answered = answer_rows(super().__call__(compact_text(batch)), self.plan)
         parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started,
-                            self.expected)
+                            self.expected, self.redo_shards)
         ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist()))
         return parts.select(["seconds", "patients"])  # what the driver sums; the ledger has the rest
 
@@ -148,7 +158,7 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
         .map_batches(
             AnswerBatches,
             fn_constructor_kwargs={"job_json": job_json, "schema": schema, "fingerprint": job.fingerprint(),
-                                   "ledger": ledger, "expected": expected},
+                                   "ledger": ledger, "expected": expected, "redo_shards": redo_shards(pending)},
             compute=ray.data.ActorPoolStrategy(size=batching.actors),
             batch_size=batching.notes_per_batch * n_questions,
             num_cpus=batching.cpus_per_actor,
@@ -169,6 +179,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     from engine.cohort.rules import screen
     from engine.runtime import ensure_ray
 
+    check_backend(job)
     stats = RunStats(actors=job.batching.actors)
     source = f"--limit {limit}" if limit is not None else f"input.limit {job.input.limit} in the job"
     limit = limit if limit is not None else job.input.limit
@@ -180,10 +191,17 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     _check_rules_against_input(job, inputs)
     store = OutputStore(job.output.uri, job.output.storage_options)
     committed = store.prepare(job, inputs, limit, overwrite)
-    pending = [s for s in inputs.shards if s.shard_id not in committed]
+    redo = _rows_to_redo(job, store) if committed else {}
+    pending = [replace(s, redo=tuple(redo[s.shard_id])) if s.shard_id in redo else s
+               for s in inputs.shards if s.shard_id not in committed or s.shard_id in redo]
     stats.shards_total, stats.shards_resumed = len(inputs.shards), len(inputs.shards) - len(pending)
+    stats.shards_redone, stats.pairs_redone = len(redo), sum(len(rows) for rows in redo.values())
     if progress is not None:
-        progress.start(total_notes=inputs.num_notes, done_notes=inputs.num_notes - sum(s.num_rows for s in pending))
+        if redo:
+            progress.say(f"Asking again {stats.pairs_redone} (note, question) pairs in {len(redo)} shard(s): their model "
+                         "server was unavailable in an earlier run")
+        todo = sum(len(s.redo) / len(job.questions) if s.redo else s.num_rows for s in pending)
+        progress.start(total_notes=inputs.num_notes, done_notes=round(inputs.num_notes - todo))
     if pending:
         ensure_ray()
         _stream_answers(job, inputs, pending, store, stats, progress)
@@ -196,6 +214,28 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     store.write_json("report.json", report)
     write_report_html(store, job, report=report, answers=answers, patients=patients, numbers=totals["numbers"])
     return report, stats
+
+
+def check_backend(job: JobSpec) -> None:
+    """Before Ray starts: a model server (backend openai) has its key set, answers and serves the job's model."""
+    if job.model.backend == "openai" and job.extraction.mode != "lexical":
+        from engine.backends.openai import check_server
+
+        check_server(job)
+
+
+def _rows_to_redo(job: JobSpec, store: OutputStore) -> dict[str, list[tuple[int, str]]]:
+    """Committed rows whose model server was unavailable (only backend openai writes them), by shard."""
+    if job.model.backend != "openai":
+        return {}
+    from engine.store.answers import answers_dataset
+    from engine.store.redo import rows_to_redo
+
+    return rows_to_redo(answers_dataset(store.uri, store.storage_options))
+
+
+def redo_shards(pending: list[Shard]) -> tuple[str, ...]:
+    return tuple(s.shard_id for s in pending if s.redo)
 
 
 def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
@@ -222,8 +262,9 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
 
     n_questions = len(job.questions)
     schema = answer_schema(job, inputs.schema)
-    expected = {s.shard_id: s.num_rows * n_questions for s in pending}
-    ledger = ray.remote(ShardLedger).options(num_cpus=0).remote(expected, job.output.uri, json.dumps(job.output.storage_options))
+    expected = {s.shard_id: len(s.redo) if s.redo else s.num_rows * n_questions for s in pending}
+    ledger = ray.remote(ShardLedger).options(num_cpus=0).remote(expected, job.output.uri, json.dumps(job.output.storage_options),
+                                                                redo_shards(pending))
     dataset = build_dataset(job, inputs, pending, schema, ledger, expected)
     failure: list[BaseException] = []
 

@@ -119,3 +119,13 @@ def synth_folder(tmp_path_factory, tiny_model) -> Path:
     assert result.exit_code == 0, result.output
     assert "training and" in result.output and "Written:" in result.output
     return folder / "data"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model, tmp_path_factory):
+    """A real `vllm serve` (vLLM's OpenAI-compatible server, CPU) of the tiny model on 127.0.0.1, once per session."""
+    from vllm_server import VLLMServer
+
+    server = VLLMServer(tiny_model, tmp_path_factory.mktemp("vllm-serve") / "serve.log", max_model_len=1024).start()
+    yield server
+    server.stop()

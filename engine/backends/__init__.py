@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from engine.backends.base import Backend, Generation, Request
+from engine.backends.base import SERVER_UNAVAILABLE, Backend, Generation, Request
 from engine.errors import BackendError
 from engine.plan import Plan
 
 BACKENDS = {
     "vllm": "engine.backends.vllm:VLLMBackend",
+    "openai": "engine.backends.openai:OpenAIBackend",
     "null": "engine.backends.null:NullBackend",
 }
 
@@ -26,4 +27,4 @@ def load_backend(plan: Plan) -> Backend:
     return backend_class(plan)
 
 
-__all__ = ["BACKENDS", "Backend", "Generation", "Request", "load_backend"]
+__all__ = ["BACKENDS", "SERVER_UNAVAILABLE", "Backend", "Generation", "Request", "load_backend"]

@@ -8,6 +8,10 @@ from typing import NamedTuple
 
 from engine.plan import Plan, PlannedQuestion
 
+# The start of a row's error when its model server could not be reached after retries (backend openai): such rows
+# are no answer about the note, and a re-run of the same job asks them again (engine.run, `rows to redo`).
+SERVER_UNAVAILABLE = "model server unavailable"
+
 
 class Request(NamedTuple):
     """One (note, question). A tuple: millions are made per run, so it must be cheap."""
@@ -20,13 +24,14 @@ class Request(NamedTuple):
 
 @dataclass(slots=True)
 class Generation:
-    """What the model wrote for one request, with its token accounting. `text` None means no output."""
+    """What the model wrote for one request, with its token accounting. `text` None means no output; token counts
+    None where no model answered (a request the server never took)."""
 
     text: str | None
     finish_reason: str = "stop"
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int | None = 0
+    cached_tokens: int | None = 0
+    completion_tokens: int | None = 0
     truncated: bool = False
     error: str | None = None
 

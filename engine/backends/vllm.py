@@ -11,16 +11,13 @@ import logging
 import os
 
 from engine.backends.base import Backend, Generation, Request
+from engine.backends.fit import TokenFitter
 from engine.errors import BackendError
 from engine.models import resolve_model
-from engine.plan import Plan, PlannedQuestion
-from engine.prompt import render_messages
+from engine.plan import Plan
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_MARK = "\n[... note truncated to fit the model's context ...]\n"
-HEAD_SHARE = 0.67  # keep the start (history, problem list) and the end (discharge labs, diagnoses)
-SAFETY_TOKENS = 16
 CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; smaller blocks = more of each note served from cache
 
 
@@ -112,40 +109,15 @@ class VLLMBackend(Backend):
                                  structured_outputs=StructuredOutputsParams(json=q.json_schema) if spec.constrained_decoding else None)
             for q in plan.questions
         }
-        self.note_budget = self._note_token_budget(plan)
-
-    def _note_token_budget(self, plan: Plan) -> int:
-        overhead = max(len(self._prompt_ids("", q)) for q in plan.questions)
-        budget = plan.job.model.max_model_len - plan.job.model.max_tokens - overhead - SAFETY_TOKENS
-        if budget < 64:
-            raise BackendError(f"model.max_model_len {plan.job.model.max_model_len} leaves no room for the note; raise it")
-        return budget
-
-    def _prompt(self, note_text: str, question: PlannedQuestion, hint: str = "") -> str:
-        messages = render_messages(note_text, question, hint)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def _prompt_ids(self, note_text: str, question: PlannedQuestion) -> list[int]:
-        return self.tokenizer(self._prompt(note_text, question), add_special_tokens=False)["input_ids"]
-
-    def fit_note(self, text: str) -> tuple[str, bool]:
-        """Cut a note that would overflow the context: keep its head and tail by token offsets; say if cut."""
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
-        if len(offsets) <= self.note_budget:
-            return text, False
-        keep = self.note_budget - len(self.tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
-        head = int(keep * HEAD_SHARE)
-        tail = keep - head
-        return text[: offsets[head - 1][1]] + TRUNCATION_MARK + text[offsets[len(offsets) - tail][0]:], True
+        self.fitter = TokenFitter(self.tokenizer, plan)  # the chat template and the note's cut (engine.backends.fit)
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         fitted: dict[str, tuple[str, bool]] = {}
         prompts, params = [], []
         for request in requests:
             if request.note_key not in fitted:
-                fitted[request.note_key] = self.fit_note(request.note_text)
-            prompts.append(self._prompt(fitted[request.note_key][0], request.question, request.hint))
+                fitted[request.note_key] = self.fitter.fit(request.note_text)
+            prompts.append(self.fitter.prompt(fitted[request.note_key][0], request.question, request.hint))
             params.append(self.sampling[request.question.id])
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         results = []

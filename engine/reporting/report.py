@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine import __version__
+from engine.backends.base import SERVER_UNAVAILABLE
 from engine.job import JobSpec
 
 STATUSES = ("answered", "not_in_note", "error")
@@ -66,6 +67,8 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         "rows_by_route": totals["by_route"],
         "model_calls_saved": _calls_saved(totals["by_route"]),
         "top_errors": [{"error": e, "rows": n} for e, n in top_errors],
+        # rows whose model server could not be reached after retries (backend openai); a re-run asks them again
+        "server_unavailable_rows": sum(n for e, n in totals["errors"].items() if e.startswith(SERVER_UNAVAILABLE)),
         "notes_truncated": totals["notes_truncated"],
         "grounding": totals["grounding"],
         "verification": _verification(job, totals, patients),
@@ -82,6 +85,43 @@ def build_report(job: JobSpec, answers, patients: pa.Table, funnel: list[dict], 
         **_windows(job, patients),
         **_review(job, answers, patients),
         **timing,
+        **_cost_basis(job, totals),
+    }
+
+
+def cached_prompt_price(pricing) -> float:
+    """USD per million cached prompt tokens: their own price, else the prompt tokens' price."""
+    cached = pricing.usd_per_million_cached_prompt_tokens
+    return pricing.usd_per_million_prompt_tokens if cached is None else cached
+
+
+def token_cost(pricing, prompt: int, cached: int, completion: int) -> float:
+    """USD for these tokens at the job's prices per million; `prompt` counts all prompt tokens, `cached` among them."""
+    return ((prompt - cached) * pricing.usd_per_million_prompt_tokens + cached * cached_prompt_price(pricing)
+            + completion * pricing.usd_per_million_completion_tokens) / 1_000_000
+
+
+def _cost_basis(job: JobSpec, totals: dict) -> dict:
+    """backend openai: cost from the server's tokens (all answers in the output, so a resumed or redone run is priced
+    whole), which replaces the hardware-hour figure in cost_per_10k_patients_usd. Other backends: hardware hours."""
+    if job.model.backend != "openai":
+        return {"cost_basis": "gpu_hours", "token_cost_usd": None}
+    pricing = job.pricing
+    prompt, cached, completion = totals["prompt_tokens"], totals["cached_tokens"], totals["completion_tokens"]
+    usd = token_cost(pricing, prompt, cached, completion)
+    patients = max(totals["patients"], 1)
+    cached_price = cached_prompt_price(pricing)
+    return {
+        "cost_basis": "tokens",
+        "token_cost_usd": round(usd, 6),
+        "token_prices_usd_per_million": {"prompt": pricing.usd_per_million_prompt_tokens, "cached_prompt": cached_price,
+                                         "completion": pricing.usd_per_million_completion_tokens},
+        "cost_per_10k_patients_usd": round(usd / patients * 10_000, 4),
+        "cost_method": (
+            f"tokens: ({prompt - cached:,} computed prompt x ${pricing.usd_per_million_prompt_tokens}/M + {cached:,} cached "
+            f"prompt x ${cached_price}/M + {completion:,} completion x ${pricing.usd_per_million_completion_tokens}/M) "
+            f"= ${usd:.4f} for the {totals['patients']} patients in the output / {totals['patients']} x 10,000"
+        ),
     }
 
 
@@ -212,4 +252,6 @@ def _this_run(stats) -> dict:
         "shards_committed": stats.shards_committed,
         "notes_processed": stats.notes_processed,
         "pairs_processed": stats.pairs_processed,
+        "shards_redone": getattr(stats, "shards_redone", 0),  # committed shards whose server-unavailable rows were asked again
+        "pairs_redone": getattr(stats, "pairs_redone", 0),
     }

@@ -30,6 +30,9 @@ class Shard:
     stop: int
     file_row: int  # row number of `start` inside the file (for error messages)
     duplicates: tuple = ()  # (row_number, note_id, first file, first row) of rows whose note id was seen before
+    # A committed shard asked again: the (row_number, question_id) pairs whose model server was unavailable (backend
+    # openai). Only these pairs go through the pipeline and they replace their rows in answers/<shard>.parquet.
+    redo: tuple = ()
 
     @property
     def num_rows(self) -> int:

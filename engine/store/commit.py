@@ -29,19 +29,21 @@ def _store(uri: str, storage_options_json: str) -> OutputStore:
     return OutputStore(uri, json.loads(storage_options_json))
 
 
-def commit_task(uri: str, storage_options_json: str, shard_id: str, paths: list[str]) -> None:
-    _store(uri, storage_options_json).commit_staged(shard_id, paths)
+def commit_task(uri: str, storage_options_json: str, shard_id: str, paths: list[str], merge: bool = False) -> None:
+    _store(uri, storage_options_json).commit_staged(shard_id, paths, merge)
     pa.default_memory_pool().release_unused()  # an idle worker would keep the shard's pages otherwise
 
 
 class ShardLedger:
     """Run as a Ray actor (num_cpus=0). `report` is called by the model actors after staging; the driver polls
-    `status` for progress and calls `finish` once the dataset is drained."""
+    `status` for progress and calls `finish` once the dataset is drained. `redo_shards`: committed shards whose rows
+    this run asks again (engine.store.redo); their parts are merged into the committed file."""
 
-    def __init__(self, expected_rows: dict[str, int], uri: str, storage_options_json: str):
+    def __init__(self, expected_rows: dict[str, int], uri: str, storage_options_json: str, redo_shards: tuple = ()):
         import ray
 
         self.collector = ShardCollector(expected_rows)
+        self.redo = set(redo_shards)
         self.task = ray.remote(commit_task).options(num_cpus=1, max_retries=COMMIT_RETRIES, retry_exceptions=False)
         self.args = (uri, storage_options_json)
         self.waiting: deque = deque()  # (shard id, paths) complete, not yet committing
@@ -97,7 +99,7 @@ class ShardLedger:
                 self.rows_committed += rows
         while self.waiting and len(self.running) < COMMITS_IN_FLIGHT and self.error is None:
             shard_id, paths = self.waiting.popleft()
-            self.running[self.task.remote(*self.args, shard_id, paths)] = self.collector.expected[shard_id]
+            self.running[self.task.remote(*self.args, shard_id, paths, shard_id in self.redo)] = self.collector.expected[shard_id]
 
 
 PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("first_row", pa.int64()),
@@ -106,10 +108,11 @@ PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("row
 
 
 def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedArray, started: float,
-                expected: dict[str, int] | None = None) -> pa.Table:
+                expected: dict[str, int] | None = None, redo_shards: frozenset = frozenset()) -> pa.Table:
     """Write each shard's rows of a batch: committed at once when they are the whole shard (`expected` rows), else
     staged as a part; one PART_SCHEMA row per shard (`path` empty for a committed one). A part's busy seconds are
-    its rows' share of the actor's time on the batch (start to written) plus its rows' cue-search time."""
+    its rows' share of the actor's time on the batch (start to written) plus its rows' cue-search time. The rows of
+    a shard in `redo_shards` (asked again, engine.store.redo) replace their rows in its committed file."""
     shard_ids = answers["shard_id"]
     parts = []
     shards = pc.unique(shard_ids).to_pylist()
@@ -120,7 +123,10 @@ def stage_parts(store: OutputStore, answers: pa.Table, cue_seconds: pa.ChunkedAr
             mask = pc.equal(shard_ids, shard_id)
             part, cues = answers.filter(mask), cue_seconds.filter(mask)
         if expected is not None and part.num_rows == expected.get(shard_id):
-            store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
+            if shard_id in redo_shards:
+                store.merge_into_shard(shard_id, part)  # atomic; a retried batch puts the same rows in again
+            else:
+                store.commit_shard(shard_id, part)  # atomic; a retried batch writes the same rows again
             path = ""
         else:
             path = store.stage_part(shard_id, part)

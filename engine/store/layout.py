@@ -204,27 +204,46 @@ class OutputStore:
         self.fs.pipe_file(path, sink.getvalue().to_pybytes())
         return path
 
-    def commit_staged(self, shard_id: str, paths: list[str]) -> None:
+    def commit_staged(self, shard_id: str, paths: list[str], merge: bool = False) -> None:
         """Merge a complete shard's parts into answers/<shard>.parquet (atomically), then remove them. Safe to run
-        again after a stop anywhere in it: a shard already committed only has its leftover parts removed."""
-        if not self.fs.exists(join(self.fs, self.answers_dir, f"{shard_id}.parquet")):
-            tables = []
-            for path in paths:
-                try:
-                    data = self.fs.cat_file(path)
-                except FileNotFoundError:
-                    raise OutputError(
-                        f"output {self.uri}: staged part {path} of shard {shard_id} is not where a worker wrote it. On "
-                        "a cluster of several nodes the output must be shared by all of them (s3://... or one shared "
-                        "filesystem mounted at the same path); re-run to resume") from None
-                tables.append(pa.ipc.open_file(pa.py_buffer(data)).read_all())
-            self.commit_shard(shard_id, pa.concat_tables(tables))
+        again after a stop anywhere in it: a shard already committed only has its leftover parts removed.
+
+        `merge`: the parts are rows of a committed shard asked again (engine.store.redo); they replace their rows in
+        it. A part already gone means that merge is done (parts are removed only after it)."""
+        if merge or not self.fs.exists(join(self.fs, self.answers_dir, f"{shard_id}.parquet")):
+            tables = self._read_parts(shard_id, paths, gone_means_done=merge)
+            if tables is not None:
+                commit = self.merge_into_shard if merge else self.commit_shard
+                commit(shard_id, pa.concat_tables(tables))
         for path in paths:  # after the commit: a stop in between leaves only parts, which the next run removes
             if self.fs.exists(path):
                 self.fs.rm(path)
         folder = join(self.fs, self.root, STAGING, shard_id)
         if not is_remote(self.fs) and self.fs.exists(folder) and not self.fs.ls(folder):
             self.fs.rmdir(folder)
+
+    def _read_parts(self, shard_id: str, paths: list[str], gone_means_done: bool) -> list[pa.Table] | None:
+        tables = []
+        for path in paths:
+            try:
+                data = self.fs.cat_file(path)
+            except FileNotFoundError:
+                if gone_means_done:
+                    return None
+                raise OutputError(
+                    f"output {self.uri}: staged part {path} of shard {shard_id} is not where a worker wrote it. On "
+                    "a cluster of several nodes the output must be shared by all of them (s3://... or one shared "
+                    "filesystem mounted at the same path); re-run to resume") from None
+            tables.append(pa.ipc.open_file(pa.py_buffer(data)).read_all())
+        return tables
+
+    def merge_into_shard(self, shard_id: str, redone: pa.Table) -> None:
+        """Write a committed shard again with `redone` rows in place of their old ones (engine.store.redo), atomically."""
+        from engine.store.redo import replace_rows
+
+        with self.fs.open(join(self.fs, self.answers_dir, f"{shard_id}.parquet"), "rb") as handle:
+            committed = pq.read_table(handle)
+        self.write_table(join(self.fs, ANSWERS, f"{shard_id}.parquet"), replace_rows(committed, redone), statistics=ANSWER_STATISTICS)
 
     def write_patients(self, patients: pa.Table) -> None:
         """patients/patients.parquet, and patients/ left with Parquet only (files of earlier versions removed)."""

@@ -120,7 +120,7 @@ def test_a_long_problem_stays_on_one_line(tmp_path):
     lines = assert_user_error(invoke("validate", str(path), columns=PIPE_WIDTH))
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"Error: {path}: model.temperature (line {line_of(source, 'temperature')}): unknown key")
-    assert lines[0].endswith("evidence_max_chars, seed, adapter, max_lora_rank)")
+    assert lines[0].endswith("seed, adapter, max_lora_rank, base_url, api_key_env, max_concurrency, timeout_s, max_retries)")
 
 
 def test_run_with_a_broken_job_fails_before_touching_data(tmp_path, monkeypatch):
