@@ -211,12 +211,12 @@ class LocalCluster:
         """SIGKILL the node: its `ray start`, raylet, object store, agents and workers, at once (a machine lost,
         not a shutdown: nothing is told to stop). Returns how many processes were killed."""
         victims = node.pids()
+        node.killed_at = time.time()
         for proc in victims:
             try:
                 proc.send_signal(signal.SIGKILL)
             except psutil.Error:
                 pass
-        node.killed_at = time.time()
         psutil.wait_procs(victims, timeout=10)
         for left in node.pids():  # a worker forked while the others died
             try:

@@ -132,7 +132,7 @@ class WriteGate:
         self.upstream = upstream.removeprefix("http://").rstrip("/")
         self.trap: _Trap | None = None
         self.lock = threading.Lock()
-        self.puts: list[tuple[float, str, int]] = []  # (time, key, status) of every PUT passed through
+        self.requests: list[tuple[float, str, str, int]] = []  # (time, method, key, status) of each request passed
         gate = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -146,8 +146,7 @@ class WriteGate:
 
             do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="write-gate", daemon=True)
         self.thread.start()
@@ -171,11 +170,11 @@ class WriteGate:
         if trap is not None:
             trap.released.set()
 
-    def committed(self, pattern: str) -> list[str]:
-        """Keys matching `pattern` that the server stored (a 200 to a PUT)."""
+    def seen(self, pattern: str, after: float = 0.0, methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")) -> list[tuple]:
+        """Requests (time, method, key, status) passed through after `after` whose key matches `pattern`."""
         regex = re.compile(pattern)
         with self.lock:
-            return sorted({key for _, key, status in self.puts if status == 200 and regex.search(key)})
+            return [r for r in self.requests if r[0] > after and r[1] in methods and regex.search(r[2])]
 
     def close(self) -> None:
         self.release()
@@ -226,9 +225,8 @@ class WriteGate:
             data = response.read()
         finally:
             upstream.close()
-        if handler.command == "PUT":
-            with self.lock:
-                self.puts.append((time.time(), key, response.status))
+        with self.lock:
+            self.requests.append((time.time(), handler.command, key, response.status))
         if trap is not None:  # stored: hold the answer, so the writer never learns that it was
             trap.taken.set()
             trap.released.wait()
@@ -237,14 +235,24 @@ class WriteGate:
         try:
             handler.send_response(response.status, response.reason)
             for name, value in response.getheaders():
-                if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
-                    handler.send_header(name, value)
-            handler.send_header("Content-Length", str(len(data)))
+                if name.lower() not in HOP_BY_HOP and (name.lower() != "content-length" or handler.command == "HEAD"):
+                    handler.send_header(name, value)  # a HEAD's Content-Length is the object's size
+            if handler.command != "HEAD":
+                handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()
             if handler.command != "HEAD":
                 handler.wfile.write(data)
         except OSError:  # the client went away (its node was killed)
             handler.close_connection = True
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client killed with its node drops its connection mid-request: not an error of the gate."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 def _read_body(handler) -> bytes | None:
