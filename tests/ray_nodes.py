@@ -250,6 +250,11 @@ class LocalCluster:
             raise RuntimeError(f"job {submission_id}: {status} {body[:300]}")
         return json.loads(body)
 
+    def stop_job(self, submission_id: str) -> None:
+        """Stop a job that is still running (nothing happens to one that ended)."""
+        if self.job(submission_id)["status"] in ("PENDING", "RUNNING"):
+            http(f"{self.dashboard}/api/jobs/{submission_id}/stop", self.token, data=b"")
+
     def job_logs(self, submission_id: str) -> str:
         status, body = http(f"{self.dashboard}/api/jobs/{submission_id}/logs", self.token)
         return json.loads(body).get("logs", "") if status == 200 else body

@@ -224,6 +224,7 @@ def _this_run(stats) -> dict:
         "nodes": getattr(stats, "nodes", 1),
         **{key: recovery.get(key, {} if key.endswith("_by_node") else 0) for key in RECOVERY_KEYS},
         "first_retry_at": _iso(recovery.get("first_retry")),  # when work was first begun again (UTC), null: never
+        "first_actor_restart_at": _iso(recovery.get("first_restart")),  # when a restarted model actor was first up
     }
 
 

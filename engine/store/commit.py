@@ -72,11 +72,14 @@ class ShardLedger:
         self.batches_retried = self.pairs_retried = self.commits_retried = self.actor_restarts = 0
         self.actors_by_node, self.batches_by_node, self.commits_by_node = Counter(), Counter(), Counter()
         self.first_retry: float | None = None  # when work was first begun again (a lost node noticed)
+        self.first_restart: float | None = None  # when a restarted model actor was first up again
 
     def actor_started(self, node: str, restarted: bool) -> None:
         """A model actor is up on `node`; `restarted`: Ray restarted it after its process or node was lost."""
         self.actors_by_node[node] += 1
         self.actor_restarts += int(restarted)
+        if restarted:
+            self.first_restart = self.first_restart or time.time()
 
     def begin(self, key: tuple, rows: int) -> None:
         """A model actor starts a batch (batch_key). A key seen before is a batch run again."""
@@ -121,7 +124,8 @@ class ShardLedger:
                 "pairs_retried": self.pairs_retried, "commits_retried": self.commits_retried,
                 "model_actors_by_node": dict(sorted(self.actors_by_node.items())),
                 "batches_by_node": dict(sorted(self.batches_by_node.items())),
-                "commits_by_node": dict(sorted(self.commits_by_node.items())), "first_retry": self.first_retry}
+                "commits_by_node": dict(sorted(self.commits_by_node.items())), "first_retry": self.first_retry,
+                "first_restart": self.first_restart}
 
     def finish(self) -> dict:
         """Wait for every commit; return the final status with the shards still incomplete (a bug if any)."""
