@@ -12,9 +12,11 @@ where it was killed, seconds from the kill to the first work begun again and to 
 batches and commits retried, and the exactly-once check; a fresh worker node replaces the lost one.
 
 Throughput: the same job (2 actors, shards of 500 notes, batches of 250) on synthetic notes
-(engine.tools.synthetic.make_extract), on the head + 2 workers and on one node with the same 8 logical CPUs.
+(engine.tools.synthetic.make_extract), on the head + 2 workers and on one node with the same 8 logical CPUs, the
+two clusters up together and their runs in turn (`--repeats` rounds), so that both see the same load.
 
     .venv/bin/python benchmarks/multinode.py --trials 4 --notes 4000 20000
+    .venv/bin/python benchmarks/multinode.py --trials 0 --notes 4000 20000 --repeats 3
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import io
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +56,12 @@ def upload_extract(s3, n: int) -> None:
     s3.filesystem().pipe_file(f"{BUCKET}/notes/notes-{n}.parquet", buffer.getvalue())
 
 
+def upload_sample(s3, n: int) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pq.read_table(ROOT / "data" / "sample_notes.parquet").slice(0, n), buffer)
+    s3.filesystem().pipe_file(f"{BUCKET}/notes/sample-{n}.parquet", buffer.getvalue())
+
+
 def kill_trials(stage: Stage, trials: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
@@ -75,9 +84,24 @@ def kill_trials(stage: Stage, trials: int, seed: int) -> list[dict]:
     return rows
 
 
-def throughput_run(stage: Stage, notes: int, label: str) -> dict:
-    spec = job_spec(notes=notes, output=f"tp/{label}-{notes}-{time.time_ns()}", endpoint=stage.s3.endpoint,
-                    actor_resources={"worker_node": 1}, **THROUGHPUT_BATCHING)
+def model_spec(notes: int) -> dict:
+    """The embedded CPU model (vLLM), model mode (every pair asked), one engine: it takes every core it is given."""
+    spec = job_spec(notes=notes, output="", endpoint="", actors=1, actor_resources={"worker_node": 1},
+                    notes_per_shard=notes, notes_per_batch=notes)
+    spec["model"] = {"backend": "vllm", "name": "embedded:smollm2-135m-instruct", "max_model_len": 4096}
+    spec["input"]["uri"] = f"s3://{BUCKET}/notes/sample-{notes}.parquet"
+    return spec
+
+
+def throughput_run(stage: Stage, notes: int, label: str, spec: dict | None = None) -> dict:
+    output = f"tp/{label}-{notes}-{time.time_ns()}"
+    if spec is None:
+        spec = job_spec(notes=notes, output=output, endpoint=stage.s3.endpoint, actor_resources={"worker_node": 1},
+                        **THROUGHPUT_BATCHING)
+    else:  # the model leg: the same S3, its own notes
+        options = {"endpoint_url": stage.s3.endpoint}
+        spec = {**spec, "input": {**spec["input"], "storage_options": options},
+                "output": {"uri": f"s3://{BUCKET}/{output}/", "storage_options": options}}
     started = time.monotonic()
     process, submission_id = submit_job(stage, spec, f"tp-{label}-{notes}")
     job, _ = finish(stage, process, submission_id, timeout=900)
@@ -87,6 +111,7 @@ def throughput_run(stage: Stage, notes: int, label: str) -> dict:
     prefix = spec["output"]["uri"].removeprefix(f"s3://{BUCKET}/").rstrip("/")
     report = check_exactly_once(stage.s3, prefix, notes)
     return {"job_wall": round(wall, 1), "run_wall": report["wall_seconds"], "startup": report["startup_seconds"],
+            "processing": report["processing_seconds"], "model_outputs": report["model_outputs"],
             "pairs": report["this_run"]["pairs_processed"], "wall_pairs_per_second": report["wall_pairs_per_second"],
             "batches_by_node": report["this_run"]["batches_by_node"], "nodes": report["this_run"]["nodes"]}
 
@@ -109,6 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3, help="trials of each kill scenario (0: none)")
     parser.add_argument("--notes", type=int, nargs="*", default=[4000, 20000], help="notes for the throughput runs")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the throughput runs, the two clusters in turn")
+    parser.add_argument("--model-notes", type=int, default=0, help="bundled notes for a run of the embedded CPU model "
+                        "on each cluster (one engine; 0: none)")
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--json", type=Path, help="write every figure here too")
     args = parser.parse_args()
@@ -124,21 +152,30 @@ def main() -> None:
     with moto_s3(tmp, setup) as s3, WriteGate(s3.endpoint) as gate:
         for n in args.notes:
             upload_extract(s3, n)
-        stage = cluster_stage(s3, gate, home, tmp, workers=2)
+        if args.model_notes:
+            upload_sample(s3, args.model_notes)
+        multi = cluster_stage(s3, gate, home, tmp, workers=2)
+        one = None
         try:
-            figures["kills"] = kill_trials(stage, args.trials, args.seed)
-            for n in args.notes:
-                figures["throughput"].append({"notes": n, "run": "head + 2 workers", **throughput_run(stage, n, "multi")})
-                print(json.dumps(figures["throughput"][-1]), flush=True)
+            figures["kills"] = kill_trials(multi, args.trials, args.seed)
+            one = cluster_stage(s3, gate, home, tmp, workers=0)  # both up from here: runs in turn see the same load
+            for round_ in range(args.repeats):
+                for n in args.notes:
+                    for label, stage in (("head + 2 workers", multi), ("one node", one)):
+                        row = {"notes": n, "run": label, "round": round_ + 1, **throughput_run(stage, n, "multi" if stage is multi else "one")}
+                        figures["throughput"].append(row)
+                        print(json.dumps(row), flush=True)
+            if args.model_notes:
+                spec = model_spec(args.model_notes)
+                for label, stage in (("head + 2 workers", multi), ("one node", one)):
+                    row = {"notes": args.model_notes, "run": f"{label}, embedded model", "round": 1,
+                           **throughput_run(stage, args.model_notes, "model", spec)}
+                    figures["throughput"].append(row)
+                    print(json.dumps(row), flush=True)
         finally:
-            stage.cluster.close()
-        stage = cluster_stage(s3, gate, home, tmp, workers=0)
-        try:
-            for n in args.notes:
-                figures["throughput"].append({"notes": n, "run": "one node", **throughput_run(stage, n, "one")})
-                print(json.dumps(figures["throughput"][-1]), flush=True)
-        finally:
-            stage.cluster.close()
+            multi.cluster.close()
+            if one is not None:
+                one.cluster.close()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     print_tables(figures)
@@ -156,13 +193,19 @@ def print_tables(figures: dict) -> None:
               f"{_or_dash(row['seconds_to_retry']):>7} {_or_dash(row['seconds_to_actor_restart']):>7} {row['seconds_kill_to_end']:>8} "
               f"{t['model_actor_restarts']:>8} {t['batches_retried']:>7} {t['pairs_retried']:>5} {t['commits_retried']:>7} "
               f"{'yes' if row['exactly_once'] else 'NO':>5}")
-    print(f"\n{'notes':>7} {'run':18} {'job wall s':>10} {'run wall s':>10} {'start-up s':>10} {'pairs/s':>9} batches by node")
+    print(f"\n{'notes':>7} {'run':18} {'round':>5} {'job wall s':>10} {'run wall s':>10} {'start-up s':>10} {'pairs/s':>9} batches by node")
     for row in figures["throughput"]:
         if "error" in row:
             print(f"{row['notes']:>7} {row['run']:18} FAILED: {row['error'][:300]}")
             continue
-        print(f"{row['notes']:>7,} {row['run']:18} {row['job_wall']:>10} {row['run_wall']:>10} {row['startup']:>10} "
-              f"{row['wall_pairs_per_second']:>9,.0f} {json.dumps(row['batches_by_node'])}")
+        print(f"{row['notes']:>7,} {row['run']:18} {row.get('round', 1):>5} {row['job_wall']:>10} {row['run_wall']:>10} "
+              f"{row['startup']:>10} {row['wall_pairs_per_second']:>9,.0f} {json.dumps(row['batches_by_node'])}")
+    print(f"\n{'notes':>7} {'median run wall s: head + 2 workers':>36} {'one node':>9} {'ratio':>6}")
+    for n in sorted({row["notes"] for row in figures["throughput"] if row["run"] == "one node"}):
+        walls = {run: statistics.median([r["run_wall"] for r in figures["throughput"] if r["notes"] == n and r["run"] == run
+                                         and "error" not in r] or [float("nan")]) for run in ("head + 2 workers", "one node")}
+        print(f"{n:>7,} {walls['head + 2 workers']:>36.1f} {walls['one node']:>9.1f} "
+              f"{walls['head + 2 workers'] / walls['one node']:>5.2f}x")
 
 
 def _or_dash(value) -> str:

@@ -78,10 +78,10 @@ class Stage:
 
 def submit_job(stage: Stage, spec: dict, name: str):
     """Start `ray job submit` (it follows the job's log until it ends); return the process and its submission id."""
-    folder = stage.tmp / f"wd-{name}"
+    submission_id = f"{name}-{secrets.token_hex(3)}"
+    folder = stage.tmp / f"wd-{submission_id}"
     folder.mkdir()
     (folder / "job.yaml").write_text(yaml.safe_dump(spec))
-    submission_id = f"{name}-{secrets.token_hex(3)}"
     process = stage.cluster.submit(folder, ["python", "-m", "engine", "run", "job.yaml"], submission_id=submission_id,
                                    home=stage.home, no_wait=True)
     return process, submission_id
