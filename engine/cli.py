@@ -438,6 +438,10 @@ def print_summary(report: dict, output_uri: str) -> None:
          + (" from tokens" if report.get("cost_basis") == "tokens" else "")),
         ("cohort", json.dumps(report["cohort"]["status"])),
     ]
+    this_run = report.get("this_run") or {}
+    redone = [this_run.get(k) or 0 for k in ("model_actor_restarts", "batches_retried", "commits_retried")]
+    if (this_run.get("nodes") or 1) > 1 or any(redone):  # a cluster run, or work a lost worker made it do again
+        rows.append(("Ray nodes / actor restarts / batches / commits redone", " / ".join(map(str, [this_run.get("nodes", 1), *redone]))))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -35,6 +35,7 @@ class InputSpec(Strict):
 class OutputSpec(Strict):
     uri: str = Field(description="Output folder (local path or s3://bucket/prefix); answers/, patients/ and report.json go under it.")
     storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for the output store (same rules as input.storage_options).")
+    shared: bool = Field(False, description="Only for a local path on a Ray cluster of several nodes: true says the path is one shared filesystem mounted at the same place on every node (NFS, EFS, Lustre). The model actors on the worker nodes write answers there and a commit task on any node merges them, so a folder on one machine's own disk cannot work: such a run is refused unless this is set. Not needed for s3:// or a one-node run.")
 
 
 class ModelSpec(Strict):
@@ -102,6 +103,17 @@ class BatchingSpec(Strict):
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs reserved per model actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; 0 on CPU machines. Set to tensor_parallel_size on GPUs.")
     read_tasks: int | None = Field(None, ge=1, description="Read and cue-search tasks at once (each holds one Parquet row group while its notes stream to the model); default actors + 1. More only helps when the model waits for notes.")
+    actor_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each model actor needs, to place the engines on chosen nodes of a cluster, e.g. {worker_node: 1} where the worker nodes were started with `ray start --resources='{\"worker_node\": 4}'` (give the nodes room for the actors of a lost node: a restarted actor needs the resource on a surviving node). Empty: anywhere with the CPUs and GPUs.")
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource; set cpus_per_actor or gpus_per_actor instead")
+            if amount <= 0:
+                raise ValueError(f"{name}: {amount} must be above 0")
+        return resources
 
 
 class PricingSpec(Strict):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.job import JobSpec
-from engine.store.commit import stage_parts
+from engine.store.commit import batch_key, stage_parts
 from engine.store.layout import OutputStore, answer_schema, to_answer_table
 from engine.plan import Plan, make_plan
 from engine.stages.candidates import find_candidates
@@ -26,7 +26,14 @@ from engine.stages.generate import GenerateAnswers
 from engine.stages.read import InputPlan, Shard, iter_notes, plan_input
 from engine.store.redo import keep_redo_pairs
 
-ACTOR_RESTARTS = 2  # a crashed engine actor is restarted by Ray and its batch retried this many times
+# A model actor whose process or node is lost is restarted by Ray (elsewhere, if its node is gone) up to
+# MODEL_ACTOR_RESTARTS times, and the batch it had in flight is retried on it once it is back. The retries are not
+# bounded: until the head declares a silent node dead (Ray's health checks: seconds to a minute) every retry fails
+# at once with "actor unavailable", and a bound of 3 was spent within a second (measured, tests/e2e/test_multinode.py:
+# the run failed). A batch that crashes its engine every time still ends: its actor is dead after the restarts.
+# An actor whose start fails is not restarted by Ray (Ray Data replaces it, within max_consecutive_actor_init_deaths).
+MODEL_ACTOR_RESTARTS = 8
+ACTOR_TASK_RETRIES = -1
 
 
 @dataclass
@@ -48,6 +55,8 @@ class RunStats:
     patients_processed: set = field(default_factory=set, repr=False)
     limit: int | None = None  # the --limit (or input.limit) the run was planned with
     notes_in_input: int | None = None  # rows in the input, past the limit too (None: not counted)
+    nodes: int = 1  # Ray nodes alive when the run started
+    recovery: dict = field(default_factory=dict)  # work done again after a lost worker or node (ShardLedger.recovery)
 
 
 @lru_cache(maxsize=4)
@@ -111,20 +120,27 @@ class AnswerBatches(GenerateAnswers):
 
     def __init__(self, job_json: str, schema: pa.Schema, fingerprint: str, ledger, expected: dict[str, int],
                  redo_shards: tuple = ()):
+        import ray
+
+        from engine.runtime import node_label
+
         super().__init__(job_json)
         self.schema, self.fingerprint, self.ledger, self.expected = schema, fingerprint, ledger, expected
         self.redo_shards = frozenset(redo_shards)
         self.store = OutputStore(self.plan.job.output.uri, self.plan.job.output.storage_options)
+        self.node = node_label()
+        ledger.actor_started.remote(self.node, ray.get_runtime_context().was_current_actor_reconstructed)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
         started = time.perf_counter()
+        self.ledger.begin.remote(batch_key(batch), batch.num_rows)  # no wait: an actor's calls arrive in order
         cue_seconds = batch["cue_seconds"]
         answered = answer_rows(super().__call__(compact_text(batch)), self.plan)
         parts = stage_parts(self.store, to_answer_table(answered, self.schema, self.fingerprint), cue_seconds, started,
                             self.expected, self.redo_shards)
-        ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist()))
+        ray.get(self.ledger.report.remote(parts.drop_columns(["seconds", "patients"]).to_pylist(), self.node))
         return parts.select(["seconds", "patients"])  # what the driver sums; the ledger has the rest
 
 
@@ -163,9 +179,10 @@ def build_dataset(job: JobSpec, inputs: InputPlan, pending: list[Shard], schema:
             batch_size=batching.notes_per_batch * n_questions,
             num_cpus=batching.cpus_per_actor,
             num_gpus=batching.gpus_per_actor or None,
+            resources=batching.actor_resources or None,  # custom resources: the nodes the engines may use
             batch_format="pyarrow",
-            max_restarts=ACTOR_RESTARTS,
-            max_task_retries=ACTOR_RESTARTS,
+            max_restarts=MODEL_ACTOR_RESTARTS,
+            max_task_retries=ACTOR_TASK_RETRIES,
         )
     )
 
@@ -177,7 +194,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
     from engine.reporting.report import build_report
     from engine.store.answers import answer_totals
     from engine.cohort.rules import screen
-    from engine.runtime import ensure_ray
+    from engine.runtime import cluster_nodes, ensure_ray
 
     check_backend(job)
     stats = RunStats(actors=job.batching.actors)
@@ -190,6 +207,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
         progress.say(f"Limit: answering {inputs.num_notes}{of} notes ({source})")
     _check_rules_against_input(job, inputs)
     store = OutputStore(job.output.uri, job.output.storage_options)
+    _check_output_reaches_every_node(job, store)
     committed = store.prepare(job, inputs, limit, overwrite)
     redo = _rows_to_redo(job, store) if committed else {}
     pending = [replace(s, redo=tuple(redo[s.shard_id])) if s.shard_id in redo else s
@@ -204,6 +222,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
         progress.start(total_notes=inputs.num_notes, done_notes=round(inputs.num_notes - todo))
     if pending:
         ensure_ray()
+        stats.nodes = cluster_nodes()
         _stream_answers(job, inputs, pending, store, stats, progress)
     stats.finished = time.time()
     answers = answers_dataset(store.uri, store.storage_options)  # read in place, column by column, by DuckDB
@@ -248,6 +267,29 @@ def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
         raise JobError(f"{job.name} (with input {job.input.uri})", problems)
 
 
+def _check_output_reaches_every_node(job: JobSpec, store: OutputStore) -> None:
+    """On a Ray cluster of several nodes the model actors write answers on the worker nodes and commit tasks merge
+    them on any node: a local output folder must be one filesystem shared by all of them. Refused before anything is
+    written, unless the job says the path is shared. A local run (its own one-node Ray) is never refused."""
+    import os
+
+    from engine.errors import OutputError
+    from engine.runtime import cluster_nodes, ensure_ray
+    from engine.storage import is_remote
+
+    import ray
+
+    if is_remote(store.fs) or job.output.shared or not (os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        return
+    ensure_ray()
+    nodes = cluster_nodes()
+    if nodes > 1:
+        raise OutputError(
+            f"output.uri {job.output.uri!r} is a local folder, and this Ray cluster has {nodes} nodes: each node would "
+            "write answers to its own disk. Set output.uri to s3://bucket/prefix, or, if this path is one shared "
+            "filesystem mounted at the same place on every node (NFS, EFS), set output.shared: true in the job")
+
+
 PROGRESS_SECONDS = 2.0  # how often the driver asks the ledger how far the run is
 
 
@@ -263,8 +305,12 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     n_questions = len(job.questions)
     schema = answer_schema(job, inputs.schema)
     expected = {s.shard_id: len(s.redo) if s.redo else s.num_rows * n_questions for s in pending}
-    ledger = ray.remote(ShardLedger).options(num_cpus=0).remote(expected, job.output.uri, json.dumps(job.output.storage_options),
-                                                                redo_shards(pending))
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node (under `ray job submit`, the head): losing a worker node never loses the ledger.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(ShardLedger).options(num_cpus=0, scheduling_strategy=here, max_restarts=0).remote(
+        expected, job.output.uri, json.dumps(job.output.storage_options), redo_shards(pending))
     dataset = build_dataset(job, inputs, pending, schema, ledger, expected)
     failure: list[BaseException] = []
 
@@ -290,6 +336,7 @@ def _stream_answers(job, inputs, pending, store, stats, progress) -> None:
     stats.pairs_processed = final["pairs"]
     stats.shards_committed = final["shards_committed"]
     stats.notes_processed = final["rows_committed"] // max(n_questions, 1)
+    stats.recovery = final["recovery"]
     if final["error"] is not None:
         raise final["error"]
     store.remove_staging()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -164,3 +165,22 @@ def ensure_ray(verbose: bool | None = None) -> None:
     context.enable_progress_bars = verbose
     context.print_on_execution_start = verbose
     context.enable_rich_progress_bars = False
+
+
+@functools.cache
+def node_label() -> str:
+    """This process's Ray node as the report names it: the node's name (its IP address, or `ray start --node-name`),
+    followed by the start of its node id where several nodes share that name (several nodes on one machine)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    names = {n["NodeID"]: n.get("NodeName") or n.get("NodeManagerAddress") or "node" for n in ray.nodes()}
+    name = names.get(node_id, "node")
+    return name if list(names.values()).count(name) == 1 else f"{name}/{node_id[:8]}"
+
+
+def cluster_nodes() -> int:
+    """Alive nodes of the Ray this process is connected to."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -245,7 +245,16 @@ def _timing(job: JobSpec, stats, store) -> dict:
     }
 
 
+RECOVERY_KEYS = ("model_actor_restarts", "batches_retried", "pairs_retried", "commits_retried", "model_actors_by_node",
+                 "batches_by_node", "commits_by_node")
+
+
 def _this_run(stats) -> dict:
+    """What this run did, with the work a lost worker or node made it do again: model actors Ray restarted, batches
+    run again (in flight on a lost actor, or done but their output lost with its node) and their pairs, commit tasks
+    run again; where the model actors started (restarts included), where batches were answered (each try) and where
+    shards were committed (by a commit task, or by the actor whose batch held the whole shard)."""
+    recovery = getattr(stats, "recovery", None) or {}
     return {
         "shards_total": stats.shards_total,
         "shards_resumed": stats.shards_resumed,
@@ -254,4 +263,14 @@ def _this_run(stats) -> dict:
         "pairs_processed": stats.pairs_processed,
         "shards_redone": getattr(stats, "shards_redone", 0),  # committed shards whose server-unavailable rows were asked again
         "pairs_redone": getattr(stats, "pairs_redone", 0),
+        "nodes": getattr(stats, "nodes", 1),
+        **{key: recovery.get(key, {} if key.endswith("_by_node") else 0) for key in RECOVERY_KEYS},
+        "first_retry_at": _iso(recovery.get("first_retry")),  # when work was first begun again (UTC), null: never
+        "first_actor_restart_at": _iso(recovery.get("first_restart")),  # when a restarted model actor was first up
     }
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"

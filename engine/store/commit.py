@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from engine.store.layout import OutputStore
 
 COMMITS_IN_FLIGHT = 2  # shards merged at once (each holds one shard's rows in memory)
-COMMIT_RETRIES = 2  # a commit task whose worker dies is run again (it is safe to run twice)
+COMMIT_RETRIES = 3  # a commit task whose worker or node is lost is run again by the ledger (it is safe to run twice)
 
 
 @lru_cache(maxsize=4)
@@ -29,35 +29,78 @@ def _store(uri: str, storage_options_json: str) -> OutputStore:
     return OutputStore(uri, json.loads(storage_options_json))
 
 
-def commit_task(uri: str, storage_options_json: str, shard_id: str, paths: list[str], merge: bool = False) -> None:
+def commit_task(uri: str, storage_options_json: str, shard_id: str, paths: list[str], merge: bool = False) -> str:
+    """Merge a complete shard's parts into answers/ (into its committed file when `merge`: rows asked again); return
+    the node it ran on (for the report)."""
+    from engine.runtime import node_label
+
     _store(uri, storage_options_json).commit_staged(shard_id, paths, merge)
     pa.default_memory_pool().release_unused()  # an idle worker would keep the shard's pages otherwise
+    return node_label()
+
+
+def batch_key(batch: pa.Table) -> tuple:
+    """What names a model batch's rows, whichever actor runs it: first and last (shard, row), and the row count
+    (rows are note-major in input order, so a batch is one contiguous run of them)."""
+    if batch.num_rows == 0:
+        return ("", -1, "", -1, 0)
+    ends = [batch.slice(i, 1).select(["shard_id", "row_number"]).to_pylist()[0] for i in (0, batch.num_rows - 1)]
+    return (ends[0]["shard_id"], ends[0]["row_number"], ends[1]["shard_id"], ends[1]["row_number"], batch.num_rows)
 
 
 class ShardLedger:
-    """Run as a Ray actor (num_cpus=0). `report` is called by the model actors after staging; the driver polls
-    `status` for progress and calls `finish` once the dataset is drained. `redo_shards`: committed shards whose rows
-    this run asks again (engine.store.redo); their parts are merged into the committed file."""
+    """Run as a Ray actor (num_cpus=0), on the driver's node: it holds what only the driver needs, so losing a worker
+    node never loses it. The model actors call `actor_started` once up, `begin` before a batch and `report` after
+    staging it; the driver polls `status` for progress and calls `finish` once the dataset is drained.
+
+    It also counts the work a lost worker or node made the run do again: actor restarts (Ray restarts a model actor
+    whose node is lost, elsewhere), batches begun a second time (Ray retries the batch an actor had in flight, and
+    re-runs a finished batch whose output was lost with its node) and commit tasks run again (here, by the ledger).
+
+    `redo_shards`: committed shards whose rows this run asks again (engine.store.redo); their parts are merged into the
+    committed file."""
 
     def __init__(self, expected_rows: dict[str, int], uri: str, storage_options_json: str, redo_shards: tuple = ()):
         import ray
 
         self.collector = ShardCollector(expected_rows)
         self.redo = set(redo_shards)
-        self.task = ray.remote(commit_task).options(num_cpus=1, max_retries=COMMIT_RETRIES, retry_exceptions=False)
+        self.task = ray.remote(commit_task).options(num_cpus=1, max_retries=0)  # lost workers: retried in _pump
         self.args = (uri, storage_options_json)
-        self.waiting: deque = deque()  # (shard id, paths) complete, not yet committing
-        self.running: dict = {}  # object ref -> rows of its shard
+        self.waiting: deque = deque()  # (shard id, paths, attempt) complete, not yet committing
+        self.running: dict = {}  # object ref -> (shard id, paths, attempt)
         self.pairs, self.statuses = 0, Counter()
         self.shards_committed, self.rows_committed = 0, 0
         self.error: BaseException | None = None
         self.first_part: float | None = None  # when the first batch's answers were staged: the end of start-up
+        self.begun: set = set()  # batch keys begun
+        self.batches_retried = self.pairs_retried = self.commits_retried = self.actor_restarts = 0
+        self.actors_by_node, self.batches_by_node, self.commits_by_node = Counter(), Counter(), Counter()
+        self.first_retry: float | None = None  # when work was first begun again (a lost node noticed)
+        self.first_restart: float | None = None  # when a restarted model actor was first up again
 
-    def report(self, parts: list[dict]) -> None:
-        """Parts just written: dicts with shard_id, path (empty: the actor committed the whole shard itself), rows,
-        first_row, last_row, statuses (a JSON object)."""
+    def actor_started(self, node: str, restarted: bool) -> None:
+        """A model actor is up on `node`; `restarted`: Ray restarted it after its process or node was lost."""
+        self.actors_by_node[node] += 1
+        self.actor_restarts += int(restarted)
+        if restarted:
+            self.first_restart = self.first_restart or time.time()
+
+    def begin(self, key: tuple, rows: int) -> None:
+        """A model actor starts a batch (batch_key). A key seen before is a batch run again."""
+        if key in self.begun:
+            self.batches_retried += 1
+            self.pairs_retried += rows
+            self.first_retry = self.first_retry or time.time()
+        self.begun.add(key)
+
+    def report(self, parts: list[dict], node: str | None = None) -> None:
+        """Parts just written by a model actor on `node`: dicts with shard_id, path (empty: the actor committed the
+        whole shard itself), rows, first_row, last_row, statuses (a JSON object)."""
         if self.first_part is None:
             self.first_part = time.time()
+        if node is not None:
+            self.batches_by_node[node] += 1
         for part in parts:
             key = (part["shard_id"], part["first_row"], part["last_row"], part["rows"])
             if key in self.collector.seen:
@@ -68,14 +111,26 @@ class ShardLedger:
             if paths == [""]:  # the whole shard was in one batch, and its actor committed it
                 self.shards_committed += 1
                 self.rows_committed += part["rows"]
+                if node is not None:
+                    self.commits_by_node[node] += 1
             elif paths is not None:
-                self.waiting.append((part["shard_id"], paths))
+                self.waiting.append((part["shard_id"], paths, 0))
         self._pump(wait=False)
 
     def status(self) -> dict:
         self._pump(wait=False)
         return {"pairs": self.pairs, "statuses": dict(self.statuses), "shards_committed": self.shards_committed,
-                "rows_committed": self.rows_committed, "error": self.error, "first_part": self.first_part}
+                "rows_committed": self.rows_committed, "error": self.error, "first_part": self.first_part,
+                "recovery": self.recovery()}
+
+    def recovery(self) -> dict:
+        """The restarted work, for report.json's this_run."""
+        return {"model_actor_restarts": self.actor_restarts, "batches_retried": self.batches_retried,
+                "pairs_retried": self.pairs_retried, "commits_retried": self.commits_retried,
+                "model_actors_by_node": dict(sorted(self.actors_by_node.items())),
+                "batches_by_node": dict(sorted(self.batches_by_node.items())),
+                "commits_by_node": dict(sorted(self.commits_by_node.items())), "first_retry": self.first_retry,
+                "first_restart": self.first_restart}
 
     def finish(self) -> dict:
         """Wait for every commit; return the final status with the shards still incomplete (a bug if any)."""
@@ -89,17 +144,26 @@ class ShardLedger:
         if self.running:
             done, _ = ray.wait(list(self.running), num_returns=1 if wait else len(self.running), timeout=None if wait else 0)
             for ref in done:
-                rows = self.running.pop(ref)
+                shard_id, paths, attempt = self.running.pop(ref)
                 try:
-                    ray.get(ref)
+                    node = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the task's own error (an OutputError says what to do)
                     self.error = self.error or exc.cause
                     continue
+                except ray.exceptions.RayError as exc:  # its worker or node was lost: run it again, elsewhere
+                    if attempt >= COMMIT_RETRIES:
+                        self.error = self.error or exc
+                    else:
+                        self.commits_retried += 1
+                        self.first_retry = self.first_retry or time.time()
+                        self.waiting.appendleft((shard_id, paths, attempt + 1))
+                    continue
                 self.shards_committed += 1
-                self.rows_committed += rows
+                self.rows_committed += self.collector.expected[shard_id]
+                self.commits_by_node[node] += 1
         while self.waiting and len(self.running) < COMMITS_IN_FLIGHT and self.error is None:
-            shard_id, paths = self.waiting.popleft()
-            self.running[self.task.remote(*self.args, shard_id, paths, shard_id in self.redo)] = self.collector.expected[shard_id]
+            shard_id, paths, attempt = self.waiting.popleft()
+            self.running[self.task.remote(*self.args, shard_id, paths, shard_id in self.redo)] = (shard_id, paths, attempt)
 
 
 PART_SCHEMA = pa.schema([("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()), ("first_row", pa.int64()),

@@ -14,12 +14,9 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,27 +27,35 @@ import pytest
 import yaml
 
 from conftest import APIXABAN_JOB, ROOT, SAMPLE_NOTES
+from s3_server import S3Server, moto_s3
 
 pytestmark = pytest.mark.e2e
 
 BUCKET = "engine-notes"
 NOTES = 6  # two input files (4 + 2 notes) under notes/
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 SNIPPET_CHARS = 40
 
 
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto_server (tests/s3_server.py: IAM authentication enforced, so wrong keys are refused as by AWS) with the
+    bucket and the notes in two files."""
+    notes = pq.read_table(SAMPLE_NOTES).slice(0, NOTES)
+
+    def setup(client) -> None:
+        client.create_bucket(Bucket=BUCKET)
+        for name, part in (("part-0.parquet", notes.slice(0, 4)), ("part-1.parquet", notes.slice(4))):
+            buffer = io.BytesIO()
+            pq.write_table(part, buffer)
+            client.put_object(Bucket=BUCKET, Key=f"notes/{name}", Body=buffer.getvalue())
+
+    with moto_s3(tmp_path_factory.mktemp("moto"), setup) as server:
+        yield S3Notes(server.endpoint, server.key_id, server.secret, notes)
+
+
 @dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    key_id: str
-    secret: str
-    notes: pa.Table
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class S3Notes(S3Server):
+    notes: pa.Table = None
 
 
 def clean_env() -> dict[str, str]:
@@ -58,57 +63,8 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto_server on a free loopback port; an IAM user with its own keys; the bucket and the notes; then
-    authentication is switched on, so wrong keys are refused as by AWS."""
-    import boto3
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              env=clean_env(), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint} (exit {server.poll()})")
-                time.sleep(0.2)
-        bootstrap = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-        iam = boto3.client("iam", **bootstrap)
-        iam.create_user(UserName="engine")
-        iam.put_user_policy(UserName="engine", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="engine")["AccessKey"]
-        client = boto3.client("s3", **bootstrap)
-        client.create_bucket(Bucket=BUCKET)
-        notes = pq.read_table(SAMPLE_NOTES).slice(0, NOTES)
-        for name, part in (("part-0.parquet", notes.slice(0, 4)), ("part-1.parquet", notes.slice(4))):
-            buffer = io.BytesIO()
-            pq.write_table(part, buffer)
-            client.put_object(Bucket=BUCKET, Key=f"notes/{name}", Body=buffer.getvalue())
-        enforce = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"})
-        urllib.request.urlopen(enforce, timeout=5)
-        yield S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], notes)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
-        log.close()
-
-
 def s3fs_for(s3: S3Server):
-    import s3fs
-
-    return s3fs.S3FileSystem(key=s3.key_id, secret=s3.secret, endpoint_url=s3.endpoint, skip_instance_cache=True)
+    return s3.filesystem()
 
 
 def write_job(folder: Path, s3: S3Server, *, name: str = "job", input_uri: str = f"s3://{BUCKET}/notes/",
