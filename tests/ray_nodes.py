@@ -39,6 +39,7 @@ RAY = VENV_BIN / "ray"
 # up to 10 s) take 15-65 s; a test wants seconds. These are Ray's own settings, passed to the head only.
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                           "health_check_failure_threshold": 3}
+START_ATTEMPTS = 3  # `ray start` of a worker node, when Ray's own 30 s registration wait runs out
 START_SECONDS = 240  # a node measured 5-30 s to come up here; minutes while other jobs load the 2 cores
 # `ray start` for a worker node on loopback. Ray turns a GCS address of 127.0.0.1 into the machine's routable address
 # before it connects (services.resolve_ip_for_localhost: right for a real cluster, where nodes are other machines),
@@ -172,11 +173,31 @@ class LocalCluster:
     def add_worker(self, name: str, *, num_cpus: float = 2, resources: dict | None = None,
                    object_store_bytes: int = 200_000_000, wait: bool = True) -> Node:
         args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_bytes}"]
-        node = self._start(name, args, self.env, resources)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            node = self._start(name, args, self.env, resources)
+            if not self._gave_up_registering(node) or attempt == START_ATTEMPTS:
+                break
+            # Ray's `ray start` waits a fixed 30 s for its raylet to register with the GCS; on 2 cores busy with the
+            # rest of the test session it can give up first. Clear what it left and start the node again.
+            self.kill(node)
         self.workers.append(node)
         if wait:
             self.wait_for_nodes(1 + len(self.alive_workers()))
         return node
+
+    def _gave_up_registering(self, node: Node, grace: float = 60.0) -> bool:
+        """Whether `ray start` exited within `grace` s because its raylet did not register in time."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if node.process.poll() is not None:
+                return "timed out during startup" in node.log_path.read_text(errors="replace")
+            try:
+                if any(n["node_name"] == node.name and n["state"] == "ALIVE" for n in self.nodes()):
+                    return False
+            except (OSError, RuntimeError):  # the head's API is slow to answer under load: ask again
+                pass
+            time.sleep(0.5)
+        return False
 
     def _check_alive(self, node: Node, deadline: float) -> None:
         if node.process.poll() is not None or time.monotonic() > deadline:
