@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from conftest import APIXABAN_JOB, ROOT, SAMPLE_NOTES
+from ray_nodes import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -47,17 +47,6 @@ class Head:
     token: str
     temp_dir: Path
     process: subprocess.Popen
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def clean_env() -> dict[str, str]:
