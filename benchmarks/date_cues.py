@@ -45,7 +45,8 @@ def main() -> None:
 
     from engine.job import load_job
     from engine.plan import make_plan
-    from engine.stages.candidates import assess_note, near, Mention
+    from engine.stages.candidates import DATE_CHARS, assess_note
+    from engine.stages.context import near
     from engine.stages.context import contexts
     from engine.stages.cues import find_mentions
     from engine.stages.dates import find_dates
@@ -82,7 +83,7 @@ def main() -> None:
                 continue
             context = contexts(text, [(m.start, m.end) for m in found], rules, sentences)
             for m, c in zip(found, context):
-                spans.append((text, when, *near(text, Mention(m, c, True))))
+                spans.append((text, when, *near(text, m.start, m.end, c, DATE_CHARS)))
     reading = best(lambda: [find_dates(text, when, lo, hi, note=text) for text, when, lo, hi in spans], args.repeats)
     ours = [find_dates(text, when, lo, hi, note=text) for text, when, lo, hi in spans]
     print(f"find_dates over {len(spans)} mention windows ({len(spans) / n:.2f} per note): {reading / n * 1e6:.1f} us/note, "

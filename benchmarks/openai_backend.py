@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_model.py (the test suite's model) and vllm_server.py (vllm serve)
 
-ANSWER_COLUMNS = ["note_id", "question_id", "status", "value_bool", "value_num", "unit", "value_date", "value_text", "evidence"]
+COMPARED_COLUMNS = ["note_id", "question_id", "status", "value_bool", "value_num", "unit", "value_date", "value_text", "evidence"]
 
 
 def job_for_model(which: str, workdir: Path):
@@ -57,7 +57,7 @@ def run_leg(job, notes: int, output: Path) -> dict:
     started = time.perf_counter()
     report, stats = run_job(job, limit=notes, overwrite=True)
     wall = time.perf_counter() - started
-    answers = read_answers(str(output)).select(ANSWER_COLUMNS).sort_by([("note_id", "ascending"), ("question_id", "ascending")])
+    answers = read_answers(str(output)).select(COMPARED_COLUMNS).sort_by([("note_id", "ascending"), ("question_id", "ascending")])
     return {"pairs": report["rows"], "wall_s": round(wall, 1), "startup_s": report["startup_seconds"],
             "steady_pairs_per_s": report["pairs_per_second"], "wall_pairs_per_s": round(report["rows"] / wall, 3),
             "prompt_tokens": report["prompt_tokens"], "cached_prompt_tokens": report["cached_prompt_tokens"],

@@ -1,5 +1,5 @@
 """Bounded memory at scale (run on demand): 100k and 1M generated notes through the whole engine pipeline with
-the null backend, and bare Ray Data doing only read -> 23 rows per note -> null answer -> write on the same
+the null backend, and bare Ray Data doing only read -> a row per note and question of the shipped job -> null answer -> write on the same
 extract. Prints wall time, rows/s, peak system memory and the engine/bare ratio; then the real engine (the shipped
 hybrid job with the embedded CPU model) on 1,000 of the same notes.
 
@@ -22,7 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTIONS = 23
+
+
+def job_questions() -> int:
+    """The shipped job's question count: bare Ray Data writes as many rows per note as the engine answers."""
+    from engine.job import load_job
+
+    return len(load_job(ROOT / "jobs" / "apixaban.yaml").questions)
 
 
 class PeakMemory:
@@ -66,13 +72,15 @@ def bare_ray_data(extract: Path, out: Path) -> int:
     import numpy as np
     import ray.data
 
+    questions = job_questions()
+
     def expand(batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        idx = pa.array(np.repeat(np.arange(n, dtype=np.int32), QUESTIONS))
+        idx = pa.array(np.repeat(np.arange(n, dtype=np.int32), questions))
         return pa.table({
             "note_id": batch["note_id"].combine_chunks().take(idx),
             "text": pa.DictionaryArray.from_arrays(idx, batch["text"].combine_chunks()),
-            "question_id": pa.array(np.tile(np.arange(QUESTIONS, dtype=np.int32), n)),
+            "question_id": pa.array(np.tile(np.arange(questions, dtype=np.int32), n)),
         })
 
     def null_answer(batch: pa.Table) -> pa.Table:

@@ -246,7 +246,7 @@ class IndexDateSpec(Strict):
     patient_id: str = Field("patient_id", description="uri only: the column holding the patient id (same ids as the notes' patient id column).")
     date: str = Field("index_date", description="uri only: the column holding the index date (a date, timestamp or ISO text).")
     storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options for uri (same rules as input.storage_options).")
-    missing: Literal["latest_note", "unknown"] = Field("latest_note", description="A patient with no index date in the column or table: latest_note (the date of the patient's latest note, as when no index is declared) or unknown (windowed questions are then unknown for that patient, and so are the rules that need them).")
+    missing: Literal["latest_note", "unknown"] = Field("latest_note", description="A patient with no index date in the column or table: latest_note (the date of the patient's latest note, as when no index is declared) or unknown (the patient's dated notes cannot be placed in a window: what they say is unknown for windowed questions, and so are the rules that need them; undated notes still count).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "IndexDateSpec":

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.job import JobSpec
+from engine.store.answers import read_answers
 from engine.store.layout import OutputStore, answer_schema, to_answer_table
 from engine.run import RunStats
 from engine.reporting.report import build_report
@@ -91,7 +92,7 @@ def write_output_folder(folder: Path, job: JobSpec, answers: pa.Table) -> tuple[
     """answers/, patients/patients.parquet and report.json, written as `engine run` writes them."""
     store = OutputStore(str(folder), {})
     store.commit_shard("s0", answers)
-    answers = store.read_answers()
+    answers = read_answers(store.uri)
     patients, funnel = screen(answers, job)
     store.write_table("patients/patients.parquet", patients)
     now = time.time()

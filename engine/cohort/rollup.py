@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 from engine.job import JobSpec, QuestionSpec
 from engine.stages.generate import CUE_MODEL_NAME
 from engine.cohort.sql import SAFE_IDENTIFIER, quoted, sandbox
-from engine.cohort.units import conversion_factor
+from engine.cohort.units import canonical_sql, conversion_factor
 from engine.cohort.windows import OUTSIDE, UNDATED, interval_sql, read_index_table, window_columns
 
 PASS_ROWS = 4_000_000  # answer rows aggregated in one pass; larger inputs are rolled up patient range by range
@@ -339,8 +339,7 @@ def _row_values_sql() -> str:
                WHEN a.status = 'answered' THEN a.value_bool
                WHEN a.status = 'not_in_note' AND q.absent_no THEN FALSE END END AS vb,
            CASE WHEN q.qtype = 'numeric' AND a.status = 'answered' AND isfinite(a.value_num) THEN
-               CASE WHEN q.cap IS NOT NULL AND a.value_num * u.factor > q.cap THEN q.cap
-                    ELSE a.value_num * u.factor END
+               {canonical_sql("a.value_num", "u.factor", "q.cap")}
                 WHEN q.qtype = 'date' AND a.status = 'answered' THEN date_diff('day', {EPOCH}, a.value_date)::DOUBLE
                 WHEN q.qtype = 'categorical' AND a.status = 'answered' THEN
                     nullif(list_position(q.choices, a.value_text), 0)::DOUBLE - 1 END AS vn

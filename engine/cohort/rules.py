@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.errors import JobError
-from engine.job import RESERVED_PATIENT_COLUMNS, JobSpec
+from engine.job import RESERVED_PATIENT_COLUMNS, JobSpec, parse_duration
 from engine.cohort.rollup import patient_schema, rollup_answers
-from engine.cohort.sql import identifier, sandbox
+from engine.cohort.sql import SPAN_FUNCTIONS, identifier, sandbox
 
 STATES = ("met", "not_met", "unknown")
 _UNKNOWN_AS = {"met": "TRUE", "not_met": "FALSE", "needs_review": "NULL"}
@@ -213,6 +213,9 @@ def _content_problem(nodes: list[dict], known: list[str], aggregates: frozenset[
     functions = sorted({n["function_name"].lower() for n in nodes if n["class"] == "FUNCTION"} & aggregates)
     if functions:
         return f"aggregate function(s) {', '.join(functions)} are not allowed: a rule sees one patient's row"
+    problem = _span_problem(nodes)
+    if problem:
+        return problem
     params = {".".join(ref["column_names"]).lower() for n in nodes if n["class"] == "LAMBDA" for ref in _walk(n["lhs"])
               if ref["class"] == "COLUMN_REF"}
     names = [".".join(n["column_names"]) for n in nodes if n["class"] == "COLUMN_REF"]
@@ -223,6 +226,25 @@ def _content_problem(nodes: list[dict], known: list[str], aggregates: frozenset[
     later = {d.id for d in job.derived} - lowered
     hint = " (derived values can only use those defined before them)" if later & set(unknown) else ""
     return f"unknown name(s) {', '.join(unknown)}{hint}; known names: {', '.join(known)}"
+
+
+def _span_problem(nodes: list[dict]) -> str | None:
+    """within()'s span is a literal duration in the job's own form ('30d', '6mo'): a typo there would otherwise make
+    every patient's date check unknown."""
+    for node in nodes:
+        if node["class"] != "FUNCTION" or node["function_name"].lower() not in SPAN_FUNCTIONS:
+            continue
+        name, at = node["function_name"].lower(), SPAN_FUNCTIONS[node["function_name"].lower()]
+        children = node.get("children", [])
+        arg = children[at] if len(children) > at else None
+        value = (arg or {}).get("value") or {}
+        if arg is None or arg["class"] != "CONSTANT" or value.get("is_null") or value.get("type", {}).get("id") != "VARCHAR":
+            return f"{name}() takes a literal duration as its argument {at + 1}, e.g. {name}(stroke_date, index_date, '30d')"
+        try:
+            parse_duration(value["value"])
+        except ValueError as exc:
+            return f"{name}(): {exc}"
+    return None
 
 
 def _try_type(relation: duckdb.DuckDBPyRelation, expr: duckdb.Expression, path: str, need_boolean: bool) -> str | None:

@@ -123,9 +123,15 @@ def unit_factors(spellings: list[str | None], question: QuestionSpec, cache: dic
 
 def to_canonical_array(values: np.ndarray, factors: np.ndarray, question: QuestionSpec) -> np.ndarray:
     """to_canonical over arrays: values times their unit's factor, capped; NaN stays NaN (a unit not accepted, no
-    value). The roll-up's SQL writes the same arithmetic with factors from conversion_factor (engine.cohort.rollup)."""
+    value). canonical_sql is the same arithmetic for the roll-up's SQL."""
     with np.errstate(invalid="ignore", over="ignore"):
         converted = values * factors
         if question.cap is not None:
             converted = np.where(converted > question.cap, question.cap, converted)
     return converted
+
+
+def canonical_sql(value: str, factor: str, cap: str) -> str:
+    """to_canonical as a SQL expression over columns (the roll-up's DuckDB query): `value` times its unit's `factor`
+    (from conversion_factor, NULL where the unit is not accepted), capped at `cap` where that is not NULL."""
+    return f"CASE WHEN {cap} IS NOT NULL AND {value} * {factor} > {cap} THEN {cap} ELSE {value} * {factor} END"

@@ -8,8 +8,9 @@ latest_note`), the date of the patient's latest note. The patient table says whi
 Windows (a question's `lookback`, `lookahead`): a note counts in that question's roll-up when its charttime's day lies
 in [index date - lookback, index date + lookahead] (calendar arithmetic: 6mo before 31 August is 29 February or
 28 February). A note without a charttime cannot be placed: it counts, and `<question>__undated_notes` says how many
-such notes there were; `<question>__notes_outside_window` counts the notes the window left out. A patient whose index
-date is unknown (`missing: unknown`) has every windowed question unknown: no note can be placed.
+such notes there were; `<question>__notes_outside_window` counts the notes the window left out. For a patient whose
+index date is unknown (`missing: unknown`) no dated note can be placed: what those notes say is unknown for every
+windowed question (undated notes still count, flagged, as for every patient).
 """
 
 from __future__ import annotations

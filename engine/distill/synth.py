@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.errors import InputError
 from engine.job import JobSpec
 from engine.plan import Plan, PlannedQuestion, make_plan
 from engine.prompt import SYSTEM_PROMPT, note_date_hint, render_messages
@@ -258,8 +259,13 @@ def from_synthetic(job: JobSpec, plan: Plan, patients: int, seed: int, workdir: 
     A window shows part of a note: where the note's gold answer is positive and the window holds a quote that
     supports it, that is the target; where the window does not, the cue answer on the window (not in it) is;
     a cue answer the gold contradicts is dropped."""
-    from engine.tools.synthetic import make_sample
+    from engine.tools.synthetic import make_sample, use_job
 
+    try:
+        use_job(job)  # the generator's gold follows this job's questions, units and caps
+    except ValueError as exc:
+        raise InputError(f"{exc}; the synthetic notes are written for the apixaban job's questions: "
+                         "run engine synth with --synthetic-patients 0 and --notes or --teacher") from exc
     sample = make_sample(n_patients=patients, seed=seed)
     path = workdir / "synthetic_notes.parquet"
     pq.write_table(windowed(sample["notes"], "text", "note_id", width), path)

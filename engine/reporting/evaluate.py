@@ -194,7 +194,7 @@ def _yes_no_class(status: str | None, value: bool | None, absent: str) -> str:
 
 def numeric_counts(question: QuestionSpec, gold: list[tuple], predicted: list[tuple]) -> dict[str, np.ndarray]:
     """Per note: correct, gold_nin, pred_nin, both_nin, error. gold: (value, unit); predicted: (status, value, unit)."""
-    correct, gold_nin, pred_nin, error = [], [], [], []
+    correct, gold_nin, statuses = [], [], []
     for (g_value, g_unit), (status, p_value, p_unit) in zip(gold, predicted, strict=True):
         g_absent = g_value is None or (isinstance(g_value, float) and math.isnan(g_value))
         g_canonical = None
@@ -206,26 +206,29 @@ def numeric_counts(question: QuestionSpec, gold: list[tuple], predicted: list[tu
         correct.append((g_absent and status == "not_in_note") or (g_canonical is not None and p_canonical is not None
                        and abs(p_canonical - g_canonical) <= question.tolerance + 1e-9 * max(1.0, abs(g_canonical))))
         gold_nin.append(g_absent)
-        pred_nin.append(status == "not_in_note")
-        error.append(status not in ("answered", "not_in_note"))
-    gold_nin, pred_nin = np.array(gold_nin, dtype=bool), np.array(pred_nin, dtype=bool)
-    return {"n": np.ones(len(gold)), "correct": np.array(correct, dtype=float), "gold_nin": gold_nin * 1.0,
-            "pred_nin": pred_nin * 1.0, "both_nin": (gold_nin & pred_nin) * 1.0, "error": np.array(error, dtype=float)}
+        statuses.append(status)
+    return _value_counts(correct, gold_nin, statuses)
+
+
+def _value_counts(correct: list[bool], gold_nin: list[bool], statuses: list[str]) -> dict[str, np.ndarray]:
+    """numeric_counts' and date_counts' arrays from per-note correctness, gold "not in note" and predicted status."""
+    gold_nin = np.array(gold_nin, dtype=bool)
+    pred_nin = np.array([s == "not_in_note" for s in statuses], dtype=bool)
+    error = np.array([s not in ("answered", "not_in_note") for s in statuses], dtype=float)
+    return {"n": np.ones(len(correct)), "correct": np.array(correct, dtype=float), "gold_nin": gold_nin * 1.0,
+            "pred_nin": pred_nin * 1.0, "both_nin": (gold_nin & pred_nin) * 1.0, "error": error}
 
 
 def date_counts(question: QuestionSpec, gold: list, predicted: list[tuple]) -> dict[str, np.ndarray]:
     """Per note, as numeric_counts: gold a date or None; predicted (status, date)."""
-    correct, gold_nin, pred_nin, error = [], [], [], []
+    correct, gold_nin, statuses = [], [], []
     for g, (status, p) in zip(gold, predicted, strict=True):
         correct.append((g is None and status == "not_in_note")
                        or (g is not None and status == "answered" and p is not None
                            and abs((p - g).days) <= question.tolerance))
         gold_nin.append(g is None)
-        pred_nin.append(status == "not_in_note")
-        error.append(status not in ("answered", "not_in_note"))
-    gold_nin, pred_nin = np.array(gold_nin, dtype=bool), np.array(pred_nin, dtype=bool)
-    return {"n": np.ones(len(gold)), "correct": np.array(correct, dtype=float), "gold_nin": gold_nin * 1.0,
-            "pred_nin": pred_nin * 1.0, "both_nin": (gold_nin & pred_nin) * 1.0, "error": np.array(error, dtype=float)}
+        statuses.append(status)
+    return _value_counts(correct, gold_nin, statuses)
 
 
 def categorical_counts(question: QuestionSpec, gold: list[str | None], predicted: list[tuple]) -> dict[str, np.ndarray]:
@@ -490,7 +493,7 @@ def fmt_interval(low, high) -> str:
 KIND_NAMES = {"yes_no": "yes/no", "numeric": "numeric", "date": "date", "categorical": "categorical", "criterion": "criteria"}
 
 
-def _metric_name(metric: str) -> str:
+def metric_name(metric: str) -> str:
     return f"F1 ({metric[3:]})" if metric.startswith("f1:") else METRIC_NAMES.get(metric, metric)
 
 
@@ -525,7 +528,7 @@ def to_markdown(evaluation: Evaluation, job: JobSpec, predictions: str = "", lab
               "| Question / criterion | Type | n | Metric | Value | 95% CI | Errors |", "|---|---|---:|---|---:|---|---:|"]
     for r in evaluation.table.to_pylist():
         lines.append(f"| {r['id'] if r['scope'] != 'overall' else '**overall**'} | {r['kind']} | {r['n']} | "
-                     f"{_metric_name(r['metric'])} | {fmt(r['value'])} | "
+                     f"{metric_name(r['metric'])} | {fmt(r['value'])} | "
                      f"{fmt_interval(r['ci_low'], r['ci_high'])} | {'' if r['errors'] is None else r['errors']} |")
     lines += ["", "Definitions:", ""] + [f"- **{METRIC_NAMES.get(k, k.replace('_', ' '))}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
@@ -534,7 +537,8 @@ def to_markdown(evaluation: Evaluation, job: JobSpec, predictions: str = "", lab
 def evaluate_run(job: JobSpec, predictions: str, labels: str, criteria_labels: str | None = None, output: str | None = None,
                  draws: int = DRAWS, seed: int = SEED) -> tuple[Evaluation, pa.Table, str]:
     """`engine eval`: read predictions and labels, score, write eval.md and eval.parquet; (evaluation, answers, folder)."""
-    from engine.store.layout import OutputStore, read_answers
+    from engine.store.answers import read_answers
+    from engine.store.layout import OutputStore
 
     answers = read_answers(predictions, job.output.storage_options)
     gold = read_parquet(labels, job.input.storage_options, LABEL_COLUMNS, "labels")

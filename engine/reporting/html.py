@@ -365,7 +365,7 @@ def verification_section(report: dict | None) -> dict | None:
 
 
 def evaluation_section(evaluation: pa.Table, summary: dict) -> dict:
-    from engine.reporting.evaluate import DEFINITIONS, METRIC_NAMES, _metric_name, fmt, fmt_interval
+    from engine.reporting.evaluate import DEFINITIONS, METRIC_NAMES, metric_name, fmt, fmt_interval
 
     records = evaluation.to_pylist()
     headline = [r for r in records if r["scope"] != "overall" and EVAL_HEADLINE.get(r["kind"]) == r["metric"]]
@@ -376,7 +376,7 @@ def evaluation_section(evaluation: pa.Table, summary: dict) -> dict:
         lines.append(f"Evaluated {summary['generated']}; {summary.get('draws')} bootstrap draws over notes "
                      f"(patients for criteria), seed {summary.get('seed')}.")
     rows = [{"item": "overall" if r["scope"] == "overall" else r["id"], "kind": r["kind"], "n": r["n"],
-             "metric": _metric_name(r["metric"]), "value": fmt(r["value"]),
+             "metric": metric_name(r["metric"]), "value": fmt(r["value"]),
              "interval": fmt_interval(r["ci_low"], r["ci_high"]), "errors": "" if r["errors"] is None else r["errors"]}
             for r in records]
     return {"lines": [line for line in lines if line], "plot": interval_plot("eval-plot", plot_rows) if plot_rows else None,

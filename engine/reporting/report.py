@@ -144,13 +144,19 @@ def _verification(job: JobSpec, totals: dict, patients: pa.Table) -> dict:
     }
 
 
-def _verification_holds(job: JobSpec, patients: pa.Table) -> dict:
-    """The patients and criteria that unverified model answers hold for review (they follow the rules: `engine
-    rules` recounts them)."""
-    flags = {c.id: f"{c.id}__unverified" for c in job.criteria if f"{c.id}__unverified" in patients.column_names}
+def _held_by(job: JobSpec, patients: pa.Table, why: str) -> tuple[dict[str, str], pa.Array]:
+    """The criteria's `<criterion>__<why>` flag columns of the patient table, and per patient whether any is set."""
+    flags = {c.id: f"{c.id}__{why}" for c in job.criteria if f"{c.id}__{why}" in patients.column_names}
     held = pa.array([False] * patients.num_rows)
     for column in flags.values():
         held = pc.or_(held, patients[column].fill_null(False))
+    return flags, held
+
+
+def _verification_holds(job: JobSpec, patients: pa.Table) -> dict:
+    """The patients and criteria that unverified model answers hold for review (they follow the rules: `engine
+    rules` recounts them)."""
+    flags, held = _held_by(job, patients, "unverified")
     return {
         "require_verified_answers": job.review.require_verified_answers,
         "patients_held": int(pc.sum(held).as_py() or 0),
@@ -198,10 +204,7 @@ def _review(job: JobSpec, answers, patients: pa.Table) -> dict:
     review = job.review
     if not review.require_grounded_evidence:
         return {}
-    flags = {c.id: f"{c.id}__ungrounded" for c in job.criteria if f"{c.id}__ungrounded" in patients.column_names}
-    held = pa.array([False] * patients.num_rows)
-    for column in flags.values():
-        held = pc.or_(held, patients[column].fill_null(False))
+    flags, held = _held_by(job, patients, "ungrounded")
     review_now = pc.and_(held, pc.equal(patients["status"], "needs_review")) if patients.num_rows else held
     return {"ungrounded": {
         "require_grounded_evidence": True, "accept_fuzzy": review.accept_fuzzy,

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.stages.choices import categorical_answer
-from engine.stages.context import Context, contexts
+from engine.stages.context import Context, contexts, near, quote_around
 from engine.stages.cues import LabValue, Match, find_mentions, read_values
 from engine.stages.dates import find_dates
 from engine.job import QuestionSpec
@@ -224,18 +224,6 @@ def numeric_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evide
 DATE_CHARS = 80  # a date phrase is read this far either side of a mention, within its sentence and line
 
 
-def near(text: str, mention: Mention, width: int = DATE_CHARS) -> tuple[int, int]:
-    """The span around a mention where its date or choice is read: its sentence, on its line, within `width`."""
-    start, end = mention.match.start, mention.match.end
-    line_start = text.rfind("\n", 0, start) + 1
-    line_end = text.find("\n", end)
-    line_end = len(text) if line_end < 0 else line_end
-    context = mention.context
-    left = context.sentence_start if context.sentence_start <= start and context.sentence_end > start else line_start
-    right = context.sentence_end if context.sentence_end >= end else line_end
-    return max(line_start, left, start - width), min(line_end, right, end + width)
-
-
 def date_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evidence_chars: int, charttime) -> tuple[str, bool]:
     """The date written nearest each mention that counts, resolved against the note's time; the most recent
     (rollup max, the default), the earliest (min) or the last written (latest). Unresolved (the model is asked in
@@ -244,7 +232,7 @@ def date_answer(text: str, spec: QuestionSpec, mentions: list[Mention], evidence
     picked = []
     unresolved = False
     for mention in (m for m in mentions if m.counts):
-        lo, hi = near(text, mention)
+        lo, hi = near(text, mention.match.start, mention.match.end, mention.context, DATE_CHARS)
         phrases = find_dates(text, charttime, lo, hi, note=text)
         if not phrases:
             continue
@@ -295,21 +283,6 @@ def _as_written(number: float) -> str:
 
 
 # --- what the model is shown ------------------------------------------------------------------------------------
-def quote_around(text: str, start: int, end: int, context: Context, limit: int) -> str:
-    """A verbatim quote on one line holding [start, end): the sentence, cut to `limit` characters around it."""
-    line_start = text.rfind("\n", 0, start) + 1
-    line_end = text.find("\n", end)
-    line_end = len(text) if line_end < 0 else line_end
-    left = max(line_start, context.sentence_start if context.sentence_start <= start else line_start)
-    right = min(line_end, context.sentence_end if context.sentence_end >= end else line_end)
-    if right - left > limit:
-        room = max(limit - (end - start), 0)
-        left = max(left, start - room // 2)
-        right = min(right, left + limit)
-        left = max(left, right - limit)
-    return text[left:right].strip()
-
-
 def windows(text: str, mentions: list[Mention], width: int) -> str:
     """The note's text around its mentions (merged where they overlap), in note order."""
     spans = sorted((max(0, m.match.start - width), min(len(text), m.match.end + width)) for m in mentions)

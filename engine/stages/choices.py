@@ -14,6 +14,8 @@ import re
 from functools import lru_cache
 
 from engine.job import QuestionSpec
+from engine.stages.context import near, quote_around
+from engine.stages.cues import phrase_pattern
 
 CHOICE_CHARS = 60  # a choice is read this far either side of a mention, within its sentence and line
 
@@ -24,14 +26,12 @@ def _exact_case(word: str) -> bool:
 
 @lru_cache(maxsize=256)
 def _choice_pattern(words: tuple[str, ...]) -> re.Pattern:
-    from engine.stages.cues import _phrase
-
     folded = [w for w in words if not _exact_case(w)]
     exact = [w for w in words if _exact_case(w)]
     parts = []
     for group, flags in ((folded, "i"), (exact, "-i")):
         if group:
-            body = "|".join(_phrase(w) for w in sorted(set(group), key=len, reverse=True))
+            body = "|".join(phrase_pattern(w) for w in sorted(set(group), key=len, reverse=True))
             parts.append(f"(?{flags}:(?<![A-Za-z0-9])(?:{body})(?![A-Za-z0-9]))")
     return re.compile("|".join(parts))
 
@@ -64,11 +64,9 @@ def choice_in(quote: str, spec: QuestionSpec, choice: str) -> bool:
 
 def categorical_answer(text: str, spec: QuestionSpec, mentions: list, evidence_chars: int) -> tuple[str, bool]:
     """The cue answer of a categorical question (the answer schema's JSON) and whether it is unambiguous."""
-    from engine.stages.candidates import near, quote_around
-
     picked = []
     for mention in (m for m in mentions if m.counts):
-        lo, hi = near(text, mention, CHOICE_CHARS)
+        lo, hi = near(text, mention.match.start, mention.match.end, mention.context, CHOICE_CHARS)
         found = find_choices(text, spec, lo, hi)
         if found:
             nearest = min(found, key=lambda f: min(abs(f[0] - mention.match.end), abs(mention.match.start - f[1])))

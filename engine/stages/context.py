@@ -157,3 +157,29 @@ def _context_of(span) -> Context:
         flags.add("historical")
     sentence = span.sent
     return Context(frozenset(flags), sentence.start_char, sentence.end_char, section)
+
+
+def near(text: str, start: int, end: int, context: Context, width: int) -> tuple[int, int]:
+    """The span around a mention [start, end) where its date or choice is read: its sentence, on its line, within
+    `width` characters either side."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    left = context.sentence_start if context.sentence_start <= start and context.sentence_end > start else line_start
+    right = context.sentence_end if context.sentence_end >= end else line_end
+    return max(line_start, left, start - width), min(line_end, right, end + width)
+
+
+def quote_around(text: str, start: int, end: int, context: Context, limit: int) -> str:
+    """A verbatim quote on one line holding [start, end): the sentence, cut to `limit` characters around it."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    left = max(line_start, context.sentence_start if context.sentence_start <= start else line_start)
+    right = min(line_end, context.sentence_end if context.sentence_end >= end else line_end)
+    if right - left > limit:
+        room = max(limit - (end - start), 0)
+        left = max(left, start - room // 2)
+        right = min(right, left + limit)
+        left = max(left, right - limit)
+    return text[left:right].strip()

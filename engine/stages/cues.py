@@ -67,14 +67,14 @@ def term_pattern(question: QuestionSpec) -> re.Pattern | None:
 @lru_cache(maxsize=512)
 def _compile(terms: tuple[str, ...], abbreviations: tuple[str, ...]) -> re.Pattern:
     def alternation(words, flags):
-        body = "|".join(_phrase(w) for w in sorted(set(words), key=len, reverse=True))
+        body = "|".join(phrase_pattern(w) for w in sorted(set(words), key=len, reverse=True))
         return f"(?{flags}:(?<![A-Za-z0-9]){'(?:' + body + ')'}(?![A-Za-z]))" if body else None
 
     parts = [p for p in (alternation(terms, "i"), alternation(abbreviations, "-i")) if p]
     return re.compile("|".join(parts))
 
 
-def _phrase(word: str) -> str:
+def phrase_pattern(word: str) -> str:
     """A term as a regex: its words in order, any run of spaces or a hyphen between them."""
     pieces = re.split(r"[\s\-]+", word.strip())
     return r"[\s\-]*".join(re.escape(p) for p in pieces if p)

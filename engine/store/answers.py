@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from engine.errors import OutputError
@@ -179,3 +180,13 @@ def answered_numbers(answers: Answers) -> pa.Table:
     con = connect(answers)
     return con.execute("""SELECT question_id, unit, value_num, count(*) AS n FROM answers
                           WHERE status = 'answered' AND value_num IS NOT NULL GROUP BY ALL ORDER BY ALL""").fetch_arrow_table()
+
+
+def read_answers(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """All committed answers under an output folder (or an answers/ folder itself), in memory."""
+    fs, files = answer_files(uri, storage_options)
+    tables = []
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from engine import __version__
 from engine.errors import OutputError
 from engine.job import JobSpec
+from engine.stages.parse import ANSWER_FIELDS
 from engine.stages.read import InputPlan
 from engine.storage import describe_error, filesystem, is_remote, join, require_bucket
 
@@ -36,23 +38,18 @@ PATIENTS_FILE = f"{PATIENTS}/patients.parquet"
 # wrote the funnel here; it is in report.json's cohort now, and a patients/ written again loses the old file.
 LEGACY_PATIENT_FILES = (f"{PATIENTS}/funnel.json",)
 
-ANSWER_COLUMNS: dict[str, pa.DataType] = {
+ANSWER_COLUMNS: dict[str, pa.DataType] = {  # answers/ files' columns in order; the answer's own fields are parse's
     "patient_id": pa.string(),
     "note_id": pa.string(),
     "question_id": pa.string(),
-    "status": pa.string(),
-    "value_bool": pa.bool_(),
-    "value_num": pa.float64(),
-    "unit": pa.string(),
-    "value_date": pa.date32(),
-    "value_text": pa.string(),
-    "evidence": pa.string(),
+    **{name: ANSWER_FIELDS[name] for name in ("status", "value_bool", "value_num", "unit", "value_date", "value_text",
+                                               "evidence")},
     "evidence_start": pa.int32(),
     "evidence_end": pa.int32(),
     "grounding": pa.string(),
     "verified": pa.bool_(),
     "verification": pa.string(),
-    "error": pa.string(),
+    "error": ANSWER_FIELDS["error"],
     "route": pa.string(),
     "candidates": pa.int32(),
     "cue_flags": pa.string(),
@@ -239,8 +236,6 @@ class OutputStore:
 
     def merge_into_shard(self, shard_id: str, redone: pa.Table) -> None:
         """Write a committed shard again with `redone` rows in place of their old ones (engine.store.redo), atomically."""
-        from engine.store.redo import replace_rows
-
         with self.fs.open(join(self.fs, self.answers_dir, f"{shard_id}.parquet"), "rb") as handle:
             committed = pq.read_table(handle)
         self.write_table(join(self.fs, ANSWERS, f"{shard_id}.parquet"), replace_rows(committed, redone), statistics=ANSWER_STATISTICS)
@@ -282,21 +277,6 @@ class OutputStore:
             return None
         return json.loads(self.fs.cat_file(path))
 
-    def read_answers(self) -> pa.Table:
-        return read_answers(self.uri, self.storage_options)
-
-
-def read_answers(uri: str, storage_options: dict | None = None) -> pa.Table:
-    """All committed answers under an output folder (or an answers/ folder itself), in memory."""
-    from engine.store.answers import answer_files
-
-    fs, files = answer_files(uri, storage_options)
-    tables = []
-    for path in files:
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
-    return pa.concat_tables(tables, promote_options="permissive")
-
 
 def _check_same_job(uri: str, existing: dict, manifest: dict) -> None:
     for key, what in (("job_fingerprint", "a different job (model, questions or input)"),
@@ -307,3 +287,22 @@ def _check_same_job(uri: str, existing: dict, manifest: dict) -> None:
                 f"output {uri} was written by {what} (job {existing.get('job_name')!r}); "
                 "use --overwrite to start afresh or choose another --output"
             )
+
+
+_KEY_SEPARATOR = "\x1f"
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    joined = pc.binary_join_element_wise(pc.cast(table["row_number"], pa.string()), table["question_id"], _KEY_SEPARATOR)
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+
+
+def replace_rows(committed: pa.Table, redone: pa.Table) -> pa.Table:
+    """The committed shard with each redone (row_number, question_id) row in place of its old row, order kept."""
+    positions = pc.index_in(_keys(redone), value_set=_keys(committed))
+    if positions.null_count:
+        raise RuntimeError("a redone answer row that its committed shard does not hold: a pipeline bug")
+    order = np.arange(committed.num_rows)
+    order[positions.to_numpy()] = committed.num_rows + np.arange(redone.num_rows)
+    both = pa.concat_tables([committed, redone], promote_options="permissive")
+    return both.take(pa.array(order))

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from engine.job import load_job
+from engine.job import JobSpec, load_job
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JOB = HERE.parents[1] / "jobs" / "apixaban.yaml"
@@ -120,15 +120,16 @@ CAPS: dict[str, float] = {}                    # numeric question -> cap (values
 LAB_UNITS: dict[str, dict[str, tuple]] = {}    # lab -> unit key -> (multiplier from canonical, decimals, spellings)
 
 
-def use_job(path: str | Path = DEFAULT_JOB) -> None:
-    """Read the questions from a job file: ids and types, roll-ups, canonical units, unit factors and caps.
+def use_job(job: JobSpec | str | Path = DEFAULT_JOB) -> None:
+    """Read the questions from a job (or its file): ids and types, roll-ups, canonical units, unit factors and caps.
 
     Raises ValueError where the generator does not fit the job: a question id the phrase tables or this module
     name that is not a question of the job (of that type), a lab unit the tables spell that the job does not
     accept, a numeric roll-up other than min or max.
     """
     global YES_NO, NUMERIC, QUESTION_IDS, ROLLUP, UNIT, FACTORS, CAPS, LAB_UNITS
-    job = load_job(path)
+    path = job.name if isinstance(job, JobSpec) else job
+    job = job if isinstance(job, JobSpec) else load_job(job)
     yes_no = tuple(q.id for q in job.questions if q.type == "yes_no")
     numeric = {q.id: q for q in job.questions if q.type == "numeric"}
     named_yes_no = {*POSITIVE, *MEDS_FOR, *CHRONIC, *PSYCH_EXTRAS, *COMPLAINT_FACT.values(), *DISTRACTOR_NEEDS.values(),
@@ -161,7 +162,18 @@ def use_job(path: str | Path = DEFAULT_JOB) -> None:
     LAB_UNITS = lab_units
 
 
-use_job()
+def _require_job() -> None:
+    """The generator's questions, read from the shipped job on first use when use_job() was not called."""
+    if QUESTION_IDS:
+        return
+    if not DEFAULT_JOB.exists():
+        raise ValueError(f"the synthetic-note generator reads its questions from a job: call use_job(job) first "
+                         f"({DEFAULT_JOB} is not here: the package runs outside its checkout)")
+    use_job(DEFAULT_JOB)
+
+
+if DEFAULT_JOB.exists():
+    use_job()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1034,6 +1046,7 @@ def _note_times(rng: random.Random, plans: list[NotePlan]) -> list[dt.datetime]:
 
 def make_sample(n_patients: int = 40, seed: int = 7) -> dict[str, pa.Table]:
     """notes, gold (one row per note x question) and expected (one row per patient) tables; deterministic."""
+    _require_job()
     rng = random.Random(seed)
     notes, gold, expected = {f.name: [] for f in NOTE_SCHEMA}, {f.name: [] for f in GOLD_SCHEMA}, []
     hadm = 20_000_000
@@ -1118,6 +1131,7 @@ def make_extract(n_notes: int, seed: int = 0, notes_per_file: int = 100_000) -> 
     sex and age (the age in the text may differ: fragments are shared). About 2.4k characters per note;
     1M notes take seconds (pyarrow `take` and element-wise joins, no per-note Python).
     """
+    _require_job()
     pools = _pools(seed)
     gen = np.random.default_rng(seed)
     headers = pa.array([f"Name:  ___                     Unit No:   ___\n \nAdmission Date:  ___              "

@@ -41,6 +41,15 @@ def test_a_lexical_run_prints_only_the_engines_lines_and_says_what_its_limit_lea
     assert not RAY_LOG_LINE.search(done.stdout + done.stderr), done.stderr
     report = json.loads((out / "report.json").read_text())
     assert (report["notes"], report["limit"], report["notes_in_input"]) == (5, 5, total)
+    patients = pq.read_table(out / "patients")  # report.json's windows sum the patient table's window columns
+    windows = report["windows"]
+    assert sorted(windows["questions"]) == ["recent_serious_bleeding", "recent_stroke"]
+    for question, lookback in (("recent_stroke", "30d"), ("recent_serious_bleeding", "6mo")):
+        told = windows["questions"][question]
+        assert (told["lookback"], told["lookahead"]) == (lookback, "0d")
+        assert told["notes_excluded"] == sum(patients[f"{question}__notes_outside_window"].to_pylist())
+        assert told["undated_notes_counted"] == sum(patients[f"{question}__undated_notes"].to_pylist())
+    assert sum(windows["index_date"].values()) == report["patients"]
 
     from engine.cli import app
 

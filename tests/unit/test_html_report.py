@@ -29,6 +29,7 @@ from report_fixtures import (
 from engine.reporting.evaluate import evaluate, to_markdown, write_evaluation
 from engine.reporting.html import REPORT_HTML, nice_ticks, render_report, write_report_html
 from engine.job import load_job
+from engine.store.answers import read_answers
 from engine.cohort.rules import apply_rules
 
 NOTES = 12
@@ -261,7 +262,7 @@ def test_engine_rules_recounts_who_unverified_answers_hold(job, tmp_path):
     store, report, _ = write_output_folder(tmp_path, job, answers)
     assert report["verification"]["patients_held"] > 0
     relaxed = job.model_copy(update={"review": job.review.model_copy(update={"require_verified_answers": False})})
-    patients, funnel = screen(store.read_answers(), relaxed)
+    patients, funnel = screen(read_answers(store.uri), relaxed)
     again = with_rules_cohort(report, relaxed, patients, funnel)["verification"]
     assert (again["patients_held"], again["criteria_held"], again["require_verified_answers"]) == (0, {}, False)
     assert again["failed"] == report["verification"]["failed"] == 5  # the answers' own counts stay

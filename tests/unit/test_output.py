@@ -12,8 +12,8 @@ import pytest
 from engine.errors import OutputError
 from engine.job import JobSpec, load_job
 from engine.store.commit import ShardCollector
-from engine.store.layout import (ANSWER_COLUMNS, ANSWERS, MANIFEST, OutputStore, answer_schema, read_answers,
-                           to_answer_table)
+from engine.store.answers import read_answers
+from engine.store.layout import ANSWER_COLUMNS, ANSWERS, MANIFEST, OutputStore, answer_schema, to_answer_table
 from engine.stages.read import plan_input
 
 JOB = load_job(Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml")
@@ -197,7 +197,7 @@ def test_read_answers_concatenates_committed_shards(store, inputs, tmp_path):
         table = read_answers(uri)
         assert table.num_rows == 6
         assert sorted(set(table["shard_id"].to_pylist())) == ["s1", "s2"]
-    assert store.read_answers().num_rows == 6
+    assert read_answers(store.uri).num_rows == 6
 
 
 def test_read_answers_without_answers_says_where_it_looked(tmp_path):

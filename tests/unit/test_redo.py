@@ -14,8 +14,8 @@ import pytest
 from engine.backends import SERVER_UNAVAILABLE
 from engine.stages.expand import expand_questions
 from engine.store.commit import stage_parts
-from engine.store.layout import ANSWERS, OutputStore
-from engine.store.redo import keep_redo_pairs, replace_rows, rows_to_redo
+from engine.store.layout import ANSWERS, OutputStore, replace_rows
+from engine.store.redo import keep_redo_pairs, rows_to_redo
 
 QUESTIONS = ["atrial_fibrillation", "creatinine_max", "stroke_date"]
 SCHEMA = pa.schema([("shard_id", pa.string()), ("row_number", pa.int64()), ("note_id", pa.string()), ("patient_id", pa.string()),

@@ -354,3 +354,36 @@ def test_days_between_counts_calendar_days_and_a_missing_date_is_unknown():
                     questions=questions)
     # text that is no date is unknown; 1 March to 10 March is 9 days (the third patient's index date is 1 January)
     assert states(apply_rules(table, text), "bad") == ["met", "met", "not_met", "met", "met", "met"]
+
+
+def test_within_is_the_lookback_windows_calendar_arithmetic_and_a_missing_date_is_unknown():
+    import datetime as dt
+
+    questions = [{"id": "bleeding_date", "type": "date", "question": "When did the serious bleed occur?"},
+                 {**YN("recent_bleed"), "lookback": "6mo"}]
+    job = make_job([{"id": "six_months", "rule": "within(bleeding_date, index_date, '6mo')"},
+                    {"id": "two_weeks", "rule": "within(bleeding_date, index_date, '2w')"}], questions=questions)
+    D = dt.date
+    table = patients(job,
+                     {"bleeding_date": D(2135, 3, 14), "index_date": D(2135, 9, 14)},  # exactly 6 calendar months
+                     {"bleeding_date": D(2135, 3, 13), "index_date": D(2135, 9, 14)},  # a day more
+                     {"bleeding_date": D(2136, 2, 29), "index_date": D(2136, 8, 31)},  # 31 Aug - 6 months = 29 Feb (leap)
+                     {"bleeding_date": D(2136, 2, 28), "index_date": D(2136, 8, 31)},
+                     {"bleeding_date": D(2135, 12, 20), "index_date": D(2136, 1, 3)},   # 14 days over a year end
+                     {"bleeding_date": D(2136, 1, 4), "index_date": D(2136, 1, 3)},     # after the index date
+                     {"bleeding_date": None, "index_date": D(2136, 1, 3)})
+    ruled = apply_rules(table, job)
+    assert states(ruled, "six_months") == ["met", "not_met", "met", "not_met", "met", "not_met", "unknown"]
+    assert states(ruled, "two_weeks") == ["not_met", "not_met", "not_met", "not_met", "met", "not_met", "unknown"]
+
+
+@pytest.mark.parametrize("rule, says", [
+    ("within(bleeding_date, index_date, '6 months')", "not a duration"),
+    ("within(bleeding_date, index_date, bleeding_date)", "literal duration"),
+    ("within(bleeding_date, index_date, NULL)", "literal duration"),
+])
+def test_within_refuses_a_span_that_is_not_the_jobs_duration_form(rule, says):
+    questions = [{"id": "bleeding_date", "type": "date", "question": "When did the serious bleed occur?"},
+                 {**YN("recent_bleed"), "lookback": "6mo"}]
+    problems = check_rules(make_job([{"id": "c", "rule": rule}], questions=questions))
+    assert len(problems) == 1 and says in problems[0] and "criteria[0].rule" in problems[0], problems

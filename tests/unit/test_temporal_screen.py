@@ -155,3 +155,58 @@ def test_a_bad_index_table_stops_with_an_error_naming_it(tmp_path):
                                                        {"patient_id": "3", "index_date": dt.date(2026, 3, 5)}]
     with pytest.raises(InputError, match="cannot read it"):
         read_index_table(job.model_copy(update={"index": IndexDateSpec(uri=str(tmp_path / "missing.parquet"))}))
+
+
+STROKE = f"Acute ischemic stroke, L MCA territory (this admission). {AF}"
+MORE_NOTES = [  # (patient, note, charttime, screening date column, text)
+    # index from the notes' own column: 1 June, 83 days after the stroke note: outside 30 days
+    ("q12", "q12-a", T(2026, 3, 10, 9), dt.date(2026, 6, 1), STROKE),
+    ("q12", "q12-b", T(2026, 3, 12, 9), None, QUIET),
+    # no value in the column: the latest note (12 March) stands in, 2 days after the stroke: inside
+    ("q13", "q13-a", T(2026, 3, 10, 9), None, STROKE),
+    ("q13", "q13-b", T(2026, 3, 12, 9), None, QUIET),
+    # the stroke note 7 days after the screening date (5 March): inside a 7-day lookahead, outside without one
+    ("q14", "q14-a", T(2026, 3, 12, 9), dt.date(2026, 3, 5), STROKE),
+    # 8 days after (4 March): outside either way
+    ("q15", "q15-a", T(2026, 3, 12, 9), dt.date(2026, 3, 4), STROKE),
+]
+
+
+@pytest.fixture(scope="module")
+def column_answers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("temporal-column")
+    path = folder / "notes.parquet"
+    pq.write_table(pa.table({
+        "note_id": [n[1] for n in MORE_NOTES], "subject_id": [n[0] for n in MORE_NOTES],
+        "text": [n[4] for n in MORE_NOTES], "charttime": pa.array([n[2] for n in MORE_NOTES], pa.timestamp("us")),
+        "screening": pa.array([n[3] for n in MORE_NOTES], pa.date32()),
+        "sex": ["F"] * len(MORE_NOTES), "age": [70] * len(MORE_NOTES),
+    }), path)
+    job = load_job(ROOT / "jobs" / "apixaban.yaml")
+    job = job.model_copy(update={
+        "input": job.input.model_copy(update={"uri": str(path), "structured": ["sex", "age", "screening"]}),
+        "index": IndexDateSpec(column="screening"),
+    })
+    return job, lexical_answers(job)
+
+
+def test_an_index_date_from_a_structured_column(column_answers):
+    job, rows = column_answers
+    got = by_patient(screen(rows, job)[0])
+    assert (got["q12"]["index_date"], got["q12"]["index_date_source"]) == (dt.date(2026, 6, 1), "column")
+    assert got["q12"]["exc_recent_stroke"] == "not_met" and got["q12"]["recent_stroke__notes_outside_window"] == 2
+    assert (got["q13"]["index_date"], got["q13"]["index_date_source"]) == (dt.date(2026, 3, 12), "latest_note")
+    assert got["q13"]["exc_recent_stroke"] == "met"
+    # a note after the index date is outside a window without lookahead
+    assert got["q14"]["exc_recent_stroke"] == "not_met" and got["q15"]["exc_recent_stroke"] == "not_met"
+    unknown = by_patient(screen(rows, job.model_copy(update={"index": IndexDateSpec(column="screening", missing="unknown")}))[0])
+    assert unknown["q13"]["index_date"] is None and unknown["q13"]["exc_recent_stroke"] == "unknown"
+
+
+def test_lookahead_counts_the_notes_just_after_the_index_date(column_answers):
+    job, rows = column_answers
+    questions = [q.model_copy(update={"lookahead": "7d"}) if q.id == "recent_stroke" else q for q in job.questions]
+    got = by_patient(screen(rows, job.model_copy(update={"questions": questions}))[0])
+    assert got["q14"]["exc_recent_stroke"] == "met" and got["q14"]["recent_stroke__notes_outside_window"] == 0
+    assert got["q15"]["exc_recent_stroke"] == "not_met" and got["q15"]["recent_stroke__notes_outside_window"] == 1
+    assert got["q12"]["exc_recent_stroke"] == "not_met"  # 83 days before: lookahead changes nothing there
