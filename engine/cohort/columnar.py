@@ -21,7 +21,6 @@ row_number column, a missing patient id, a column roll-up needs is absent): roll
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,12 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dateutil.relativedelta import relativedelta
 
-from engine.job import JobSpec, parse_duration
+from engine.job import JobSpec
 from engine.stages.generate import CUE_MODEL_NAME
 from engine.cohort.units import to_canonical_array, unit_factors
-from engine.cohort.windows import read_index_table
+from engine.cohort.windows import read_index_table, shift_days
 
 RANK_BITS = 40  # a note's rank (by charttime, then note id) fills the low bits of a key: up to 2^40 notes
 RANK_MASK = (1 << RANK_BITS) - 1
@@ -366,22 +364,10 @@ class _Windows:
         return outside, self.dated & ~known
 
     def _bounds(self, question) -> tuple[np.ndarray, np.ndarray]:
-        epoch = dt.date(1970, 1, 1)
-        shifts = {}
-        for name, sign in (("lookback", -1), ("lookahead", 1)):
-            text = getattr(question, name) or ("0d" if name == "lookahead" else None)
-            if text is None:
-                shifts[name] = None
-                continue
-            count, unit = parse_duration(text)
-            shifts[name] = relativedelta(**{f"{unit}s": sign * count})
-        unique, inverse = np.unique(self.index, return_inverse=True)
-
-        def moved(delta):
-            return np.array([((epoch + dt.timedelta(days=int(d))) + delta - epoch).days for d in unique], dtype=np.int64)[inverse]
-
-        low = moved(shifts["lookback"]) if shifts["lookback"] is not None else np.full(self.index.size, np.iinfo(np.int64).min)
-        return low, moved(shifts["lookahead"])
+        """Per patient, the first and last day of the question's window around the index date."""
+        low = (shift_days(self.index, question.lookback, -1) if question.lookback is not None
+               else np.full(self.index.size, np.iinfo(np.int64).min))
+        return low, shift_days(self.index, question.lookahead or "0d", 1)
 
 
 def _note_counts(pidx: np.ndarray, note_ids: pa.Array, patients: int) -> pa.Array:

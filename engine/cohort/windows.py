@@ -15,6 +15,7 @@ windowed question (undated notes still count, flagged, as for every patient).
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -33,6 +34,25 @@ def interval_sql(duration: str | None) -> str | None:
         return None
     count, unit = parse_duration(duration)
     return f"{count} {unit}"
+
+
+def shift_days(days: np.ndarray, duration: str, sign: int) -> np.ndarray:
+    """Days since 1970-01-01 moved by a duration ('30d', '2w', '6mo', '1y') back (sign -1) or forward (+1), with
+    calendar arithmetic for months and years: the same day number, clamped to the target month's last day (6 months
+    before 31 August is 29 February in a leap year, else 28), as dateutil's relativedelta and DuckDB's intervals do.
+    Vectorised: the roll-up moves every patient's index date."""
+    count, unit = parse_duration(duration)
+    days = np.asarray(days, dtype=np.int64)
+    if unit in ("day", "week"):
+        return days + sign * count * (7 if unit == "week" else 1)
+    months = sign * count * (12 if unit == "year" else 1)
+    day = days.astype("datetime64[D]")
+    month = day.astype("datetime64[M]")
+    day_of_month = (day - month.astype("datetime64[D]")).astype(np.int64)
+    target = month + np.timedelta64(months, "M")
+    first = target.astype("datetime64[D]")
+    length = ((target + np.timedelta64(1, "M")).astype("datetime64[D]") - first).astype(np.int64)
+    return (first + np.minimum(day_of_month, length - 1)).astype(np.int64)
 
 
 def window_columns(question: QuestionSpec) -> list[str]:

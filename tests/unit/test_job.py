@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import EngineError, JobError
-from engine.job import JobSpec, load_job
+from engine.job import IndexDateSpec, JobSpec, load_job
 
 APIXABAN = Path(__file__).resolve().parents[2] / "jobs" / "apixaban.yaml"
 SOURCE = APIXABAN.read_text(encoding="utf-8")
@@ -243,7 +243,7 @@ def test_windows_and_the_index_are_not_part_of_the_fingerprint_but_choices_are()
     stroke = next(i for i, q in enumerate(job.questions) if q.id == "recent_stroke")
     longer = _variant(job, questions=lambda qs: qs[stroke].update(lookback="7d", lookahead="2d"))
     assert longer.fingerprint() == job.fingerprint()  # a window acts in the roll-up: `engine rules`, no new run
-    indexed = job.model_copy(update={"index": {"uri": "screening.parquet"}})
+    indexed = job.model_copy(update={"index": IndexDateSpec(uri="screening.parquet")})
     assert JobSpec.model_validate(indexed.model_dump()).fingerprint() == job.fingerprint()
     typed = {"id": "af_type", "type": "categorical", "question": "Which type of AF does the note document?",
              "choices": ["paroxysmal", "persistent"]}

@@ -233,3 +233,33 @@ def test_dates_choices_and_windows_equal_in_both_rollups(tmp_path, notes, index,
     slow = rollup_sql(table, job)
     assert fast.schema == slow.schema
     assert fast.to_pylist() == slow.to_pylist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dates(min_value=datetime(1900, 1, 1).date(), max_value=datetime(2199, 12, 31).date()), min_size=1, max_size=40),
+       st.sampled_from(["1d", "30d", "2w", "1mo", "6mo", "13mo", "1y", "4y"]), st.sampled_from([-1, 1]))
+def test_shift_days_is_relativedeltas_calendar_arithmetic(days, duration, sign):
+    """The columnar roll-up's vectorised window bounds against dateutil, day by day (month ends, 29 February)."""
+    from datetime import date
+
+    from dateutil.relativedelta import relativedelta
+
+    from engine.cohort.windows import shift_days
+    from engine.job import parse_duration
+
+    count, unit = parse_duration(duration)
+    epoch = date(1970, 1, 1)
+    moved = shift_days([(d - epoch).days for d in days], duration, sign)
+    expected = [(d + relativedelta(**{f"{unit}s": sign * count}) - epoch).days for d in days]
+    assert moved.tolist() == expected
+
+
+def test_shift_days_at_month_ends_by_hand():
+    from engine.cohort.windows import shift_days
+
+    epoch = datetime(1970, 1, 1).date()
+    day = lambda y, m, d: (datetime(y, m, d).date() - epoch).days  # noqa: E731
+    assert shift_days([day(2136, 8, 31), day(2135, 8, 31), day(2135, 9, 14)], "6mo", -1).tolist() == [
+        day(2136, 2, 29), day(2135, 2, 28), day(2135, 3, 14)]
+    assert shift_days([day(2136, 2, 29)], "1y", 1).tolist() == [day(2137, 2, 28)]
+    assert shift_days([day(2136, 1, 3)], "2w", -1).tolist() == [day(2135, 12, 20)]
