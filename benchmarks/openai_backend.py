@@ -51,7 +51,7 @@ def job_for_model(which: str, workdir: Path):
 
 def run_leg(job, notes: int, output: Path) -> dict:
     from engine.run import run_job
-    from engine.store.layout import read_answers
+    from engine.store.answers import read_answers
 
     job = job.model_copy(update={"output": job.output.model_copy(update={"uri": str(output)})})
     started = time.perf_counter()

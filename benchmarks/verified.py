@@ -64,7 +64,7 @@ def summary(job, answers, labels) -> dict:
 
 
 def run_leg(job, mode: str, notes: str, output: Path) -> tuple:
-    from engine.store.layout import read_answers
+    from engine.store.answers import read_answers
     from engine.run import run_job
 
     job = job.model_copy(update={

@@ -123,7 +123,7 @@ def rollup_answers(answers, job: JobSpec) -> pa.Table:
 
     _question_table(job)  # refuses a roll-up the question type cannot have
     if not needs_sql(job) and all(name in answers.schema.names for name in job.input.structured):
-        table = columnar_rollup(answers, job, _schema_for(answers, job), list(ROLLUP_COLUMNS))
+        table = columnar_rollup(answers, job, patient_schema_of(answers, job), list(ROLLUP_COLUMNS))
         if table is not None:  # the engine's own layout: segment maxima, same result (engine.cohort.columnar)
             return table
     return rollup_sql(answers, job)
@@ -134,7 +134,7 @@ def rollup_sql(answers, job: JobSpec) -> pa.Table:
     con = sandbox()
     con.register("answers_in", answers)
     _answers_view(con, answers.schema, job)
-    schema = _schema_for(answers, job)
+    schema = patient_schema_of(answers, job)
     con.register("questions", _question_table(job))
     con.register("units", _unit_table(con, job))
     index_table = read_index_table(job)
@@ -151,7 +151,8 @@ def rollup_sql(answers, job: JobSpec) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
-def _schema_for(answers, job: JobSpec) -> pa.Schema:
+def patient_schema_of(answers, job: JobSpec) -> pa.Schema:
+    """The patient table's schema for these answers: the job's columns, with the structured columns typed as the answers hold them."""
     return patient_schema(job, {name: answers.schema.field(name).type for name in job.input.structured})
 
 

@@ -221,7 +221,7 @@ def _timing(job: JobSpec, stats, store) -> dict:
         previous = store.read_json("report.json") or {}
         keys = ("wall_seconds", "startup_seconds", "processing_seconds", "seconds_per_pair", "pairs_per_second", "wall_pairs_per_second",
                 "hardware", "usd_per_hour", "cost_per_10k_patients_usd", "cost_method")
-        return {k: previous.get(k) for k in keys} | {"this_run": _this_run(stats)}
+        return {k: previous.get(k) for k in keys} | {"this_run": this_run_summary(stats)}
     wall = (stats.finished or time.time()) - stats.started
     startup = (stats.first_result or stats.started) - stats.started
     # Busy time of the model actors, summed inside them, divided by how many ran side by side.
@@ -244,7 +244,7 @@ def _timing(job: JobSpec, stats, store) -> dict:
             f"/ 3600 x ${job.pricing.usd_per_hour}/h / {patients} patients x 10,000; "
             f"{len(job.questions)} questions per note, {stats.notes_processed} notes this run"
         ),
-        "this_run": _this_run(stats),
+        "this_run": this_run_summary(stats),
     }
 
 
@@ -252,7 +252,7 @@ RECOVERY_KEYS = ("model_actor_restarts", "batches_retried", "pairs_retried", "co
                  "batches_by_node", "commits_by_node")
 
 
-def _this_run(stats) -> dict:
+def this_run_summary(stats) -> dict:
     """What this run did, with the work a lost worker or node made it do again: model actors Ray restarted, batches
     run again (in flight on a lost actor, or done but their output lost with its node) and their pairs, commit tasks
     run again; where the model actors started (restarts included), where batches were answered (each try) and where

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import E2E_NOTES, GOLD, SAMPLE_NOTES, job_for
-from engine.store.layout import read_answers
+from engine.store.answers import read_answers
 
 pytestmark = pytest.mark.e2e
 

@@ -75,7 +75,7 @@ def _stop_after_first_commit(answers: Path, server, stopped: list) -> None:
 
 
 def _rows(output: Path):
-    from engine.store.layout import read_answers
+    from engine.store.answers import read_answers
 
     return read_answers(str(output)).sort_by([("row_number", "ascending"), ("question_id", "ascending")])
 

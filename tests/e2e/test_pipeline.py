@@ -16,7 +16,8 @@ import pytest
 
 from conftest import E2E_NOTES, E2E_SAMPLE_NOTES, job_for
 from engine.errors import OutputError
-from engine.store.layout import ANSWER_COLUMNS, read_answers
+from engine.store.answers import read_answers
+from engine.store.layout import ANSWER_COLUMNS
 
 pytestmark = pytest.mark.e2e
 
@@ -129,12 +130,12 @@ def test_the_engines_answers_take_the_columnar_rollup(e2e_run):
     """The committed answers (bad rows, truncated notes, duplicates included) are in the note-major layout that
     engine.cohort.columnar needs, and its patient table is the SQL roll-up's."""
     from engine.store.answers import answers_dataset
-    from engine.cohort.rollup import ROLLUP_COLUMNS, _schema_for, rollup_sql
+    from engine.cohort.rollup import ROLLUP_COLUMNS, patient_schema_of, rollup_sql
     from engine.cohort.columnar import columnar_rollup
 
     job, _, _, output = e2e_run
     answers = answers_dataset(str(output))
-    fast = columnar_rollup(answers, job, _schema_for(answers, job), list(ROLLUP_COLUMNS))
+    fast = columnar_rollup(answers, job, patient_schema_of(answers, job), list(ROLLUP_COLUMNS))
     assert fast is not None and fast.num_rows > 0
     assert fast.to_pylist() == rollup_sql(answers, job).to_pylist()
 

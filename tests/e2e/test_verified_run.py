@@ -11,7 +11,7 @@ import pytest
 
 from conftest import E2E_NOTES
 from engine.tools.inprocess import lexical_answers
-from engine.store.layout import read_answers
+from engine.store.answers import read_answers
 from engine.plan import make_plan
 from engine.stages.verify import CUE_ANSWER_STANDS, check_row, counted_mention_spans
 

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.job import BatchingSpec, OutputSpec
-from engine.reporting.report import RECOVERY_KEYS, _this_run
+from engine.reporting.report import RECOVERY_KEYS, this_run_summary
 from engine.store.commit import ShardLedger, batch_key
 
 
@@ -74,12 +74,12 @@ def test_this_run_extends_the_report_keys_without_renaming_them():
                                                "commits_retried": 0, "model_actors_by_node": {"w1": 2, "w2": 1},
                                                "batches_by_node": {"w1": 3}, "commits_by_node": {"w1": 2},
                                                "first_retry": 1796521736.25, "first_restart": None})
-    this_run = _this_run(stats)
+    this_run = this_run_summary(stats)
     assert list(this_run)[:5] == ["shards_total", "shards_resumed", "shards_committed", "notes_processed", "pairs_processed"]
     assert this_run["nodes"] == 3 and this_run["model_actors_by_node"] == {"w1": 2, "w2": 1}
     assert set(RECOVERY_KEYS) <= set(this_run)
     assert this_run["first_retry_at"].endswith(".250Z") and this_run["first_actor_restart_at"] is None
-    older = _this_run(SimpleNamespace(shards_total=1, shards_resumed=1, shards_committed=0, notes_processed=0, pairs_processed=0))
+    older = this_run_summary(SimpleNamespace(shards_total=1, shards_resumed=1, shards_committed=0, notes_processed=0, pairs_processed=0))
     assert older["nodes"] == 1 and older["batches_retried"] == 0 and older["batches_by_node"] == {}
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from engine.store.answers import answers_dataset
 from engine.job import JobSpec
-from engine.cohort.rollup import ROLLUP_COLUMNS, _schema_for, rollup_answers, rollup_sql
+from engine.cohort.rollup import ROLLUP_COLUMNS, patient_schema_of, rollup_answers, rollup_sql
 from engine.cohort.columnar import columnar_rollup
 from test_rollup import JOB
 
@@ -64,7 +64,7 @@ def note_major(notes: list[dict]) -> pa.Table:
 def test_columnar_rollup_equals_the_sql_rollup(notes, grounded, fuzzy, verified):
     job = job_for(grounded, fuzzy, verified)
     table = note_major(notes)
-    fast = columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS))
+    fast = columnar_rollup(table, job, patient_schema_of(table, job), list(ROLLUP_COLUMNS))
     assert fast is not None, "a note-major table must take the columnar path"
     assert fast.to_pylist() == rollup_sql(table, job).to_pylist()
     assert fast.schema == rollup_sql(table, job).schema
@@ -83,7 +83,7 @@ def test_committed_files_take_the_columnar_path_and_match_sql(tmp_path):
     pq.write_table(table.slice(0, 5 * len(QUESTIONS)), tmp_path / "answers" / "a.parquet")
     pq.write_table(table.slice(5 * len(QUESTIONS)), tmp_path / "answers" / "b.parquet")
     dataset, job = answers_dataset(str(tmp_path)), job_for(True, False)
-    fast = columnar_rollup(dataset, job, _schema_for(dataset, job), list(ROLLUP_COLUMNS))
+    fast = columnar_rollup(dataset, job, patient_schema_of(dataset, job), list(ROLLUP_COLUMNS))
     assert fast is not None
     assert fast.to_pylist() == rollup_sql(table, job).to_pylist() == rollup_answers(dataset, job).to_pylist()
     assert fast.num_rows == 3 and fast["n_notes"].to_pylist() == [4, 4, 4]
@@ -113,7 +113,7 @@ def _base() -> pa.Table:
 def test_other_layouts_fall_back_to_sql(break_layout):
     job = job_for(False, False)
     table = break_layout(_base())
-    assert columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS)) is None
+    assert columnar_rollup(table, job, patient_schema_of(table, job), list(ROLLUP_COLUMNS)) is None
     assert rollup_answers(table, job).to_pylist() == rollup_sql(table, job).to_pylist()
 
 
@@ -166,12 +166,12 @@ def kept_by_windows(notes: list[dict], windows: dict[str, str]) -> pa.Table:
 def test_windows_keep_what_the_columnar_rollup_of_the_kept_rows_gives(notes, windows, verified):
     job = windowed_job(windows, verified)
     table = note_major([{**n, "minutes": None if n["days"] is None else n["days"] * 1440} for n in notes])
-    fast = columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS))
+    fast = columnar_rollup(table, job, patient_schema_of(table, job), list(ROLLUP_COLUMNS))
     assert fast is not None, "windows take the columnar path too"
     assert fast.to_pylist() == rollup_sql(table, job).to_pylist() and fast.schema == rollup_sql(table, job).schema
     plain = job_for(True, True, verified)
     kept = kept_by_windows(notes, windows)
-    expected = columnar_rollup(kept, plain, _schema_for(kept, plain), list(ROLLUP_COLUMNS))
+    expected = columnar_rollup(kept, plain, patient_schema_of(kept, plain), list(ROLLUP_COLUMNS))
     got = rollup_answers(table, job).select(expected.column_names)
     assert got.to_pylist() == expected.to_pylist()
     counts = rollup_answers(table, job)
@@ -228,7 +228,7 @@ def test_dates_choices_and_windows_equal_in_both_rollups(tmp_path, notes, index,
             rows.append({"patient_id": note["patient"], "note_id": f"n{i:02d}", "question_id": question["id"],
                          "charttime": when, "row_number": i, "sex": "F", "age": 70, "value_num": None, "unit": None, **answer})
     table = pa.Table.from_pylist(rows, schema=TIMED_SCHEMA)
-    fast = columnar_rollup(table, job, _schema_for(table, job), list(ROLLUP_COLUMNS))
+    fast = columnar_rollup(table, job, patient_schema_of(table, job), list(ROLLUP_COLUMNS))
     assert fast is not None
     slow = rollup_sql(table, job)
     assert fast.schema == slow.schema
