@@ -60,6 +60,32 @@ def fail(errors: list[str]) -> None:
     sys.exit(1)
 
 
+def note_errors(n: dict, where: str, seen: set[str], subj_of_hadm: dict[int, int]) -> list[str]:
+    """What is wrong with a note's own fields (ids, ages, sex, text), shared by every held-out set's builder; `seen`
+    and `subj_of_hadm` carry what earlier notes used."""
+    errors = []
+    nid = n["note_id"]
+    if not isinstance(nid, str) or not nid:
+        errors.append(f"{where}: note_id must be a non-empty string")
+    if nid in seen:
+        errors.append(f"{where}: duplicate note_id")
+    seen.add(nid)
+    for k in ("subject_id", "hadm_id", "age"):
+        if not isinstance(n[k], int) or isinstance(n[k], bool):
+            errors.append(f"{where}: {k} must be an integer, got {n[k]!r}")
+    if isinstance(n["age"], int) and not isinstance(n["age"], bool) and not 18 <= n["age"] <= 110:
+        errors.append(f"{where}: implausible age {n['age']}")
+    if n["sex"] not in ("F", "M"):
+        errors.append(f"{where}: sex must be F or M, got {n['sex']!r}")
+    if not isinstance(n["text"], str) or not n["text"].strip():
+        errors.append(f"{where}: empty text")
+    if isinstance(n["hadm_id"], int) and isinstance(n["subject_id"], int):
+        prev = subj_of_hadm.setdefault(n["hadm_id"], n["subject_id"])
+        if prev != n["subject_id"]:
+            errors.append(f"{where}: hadm_id {n['hadm_id']} shared by two subjects")
+    return errors
+
+
 def validate(notes: list[dict]) -> list[str]:
     errors: list[str] = []
     if not isinstance(notes, list) or not notes:
@@ -72,29 +98,11 @@ def validate(notes: list[dict]) -> list[str]:
         if missing:
             errors.append(f"{where}: missing fields {missing}")
             continue
-        nid = n["note_id"]
-        if not isinstance(nid, str) or not nid:
-            errors.append(f"{where}: note_id must be a non-empty string")
-        if nid in seen:
-            errors.append(f"{where}: duplicate note_id")
-        seen.add(nid)
-        for k in ("subject_id", "hadm_id", "age"):
-            if not isinstance(n[k], int) or isinstance(n[k], bool):
-                errors.append(f"{where}: {k} must be an integer")
-        if isinstance(n["age"], int) and not 18 <= n["age"] <= 110:
-            errors.append(f"{where}: implausible age {n['age']}")
-        if n["sex"] not in ("F", "M"):
-            errors.append(f"{where}: sex must be F or M")
+        errors += note_errors(n, where, seen, subj_of_hadm)
         try:
             dt.datetime.fromisoformat(str(n["charttime"]))
         except ValueError:
             errors.append(f"{where}: charttime not ISO date-time: {n['charttime']!r}")
-        if not isinstance(n["text"], str) or not n["text"].strip():
-            errors.append(f"{where}: empty text")
-        if isinstance(n["hadm_id"], int):
-            prev = subj_of_hadm.setdefault(n["hadm_id"], n["subject_id"])
-            if prev != n["subject_id"]:
-                errors.append(f"{where}: hadm_id shared by two subjects")
 
         labels = n["labels"]
         if not isinstance(labels, dict):

@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from build_heldout import note_errors  # scripts/ is on the path when a builder runs as a script
+
 BOOL_QUESTIONS = [
     "recent_stroke",
     "recent_serious_bleeding",
@@ -116,19 +118,7 @@ def validate_notes(notes) -> list[str]:
             continue
         if extra:
             errors.append(f"{where}: unknown fields {extra}")
-        nid = n["note_id"]
-        if not isinstance(nid, str) or not nid:
-            errors.append(f"{where}: note_id must be a non-empty string")
-        elif nid in seen:
-            errors.append(f"{where}: duplicate note_id")
-        seen.add(nid)
-        for k in ("subject_id", "hadm_id", "age"):
-            if not isinstance(n[k], int) or isinstance(n[k], bool):
-                errors.append(f"{where}: {k} must be an integer, got {n[k]!r}")
-        if isinstance(n["age"], int) and not isinstance(n["age"], bool) and not 18 <= n["age"] <= 110:
-            errors.append(f"{where}: implausible age {n['age']}")
-        if n["sex"] not in ("F", "M"):
-            errors.append(f"{where}: sex must be F or M, got {n['sex']!r}")
+        errors += note_errors(n, where, seen, subj_of_hadm)
         if not isinstance(n["note_type"], str) or not n["note_type"].strip():
             errors.append(f"{where}: note_type must be a non-empty string")
         if not isinstance(n["why"], str) or not n["why"].strip():
@@ -138,14 +128,7 @@ def validate_notes(notes) -> list[str]:
             chart = parse_datetime(n["charttime"])
         except ValueError:
             errors.append(f"{where}: charttime not ISO date-time or null: {n['charttime']!r}")
-        text = n["text"]
-        if not isinstance(text, str) or not text.strip():
-            errors.append(f"{where}: empty text")
-            text = ""
-        if isinstance(n["hadm_id"], int) and isinstance(n["subject_id"], int):
-            prev = subj_of_hadm.setdefault(n["hadm_id"], n["subject_id"])
-            if prev != n["subject_id"]:
-                errors.append(f"{where}: hadm_id {n['hadm_id']} shared by two subjects")
+        text = n["text"] if isinstance(n["text"], str) else ""
 
         labels = n["labels"]
         if not isinstance(labels, dict):

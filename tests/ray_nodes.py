@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,29 @@ RAY_START_ON_LOOPBACK = (
     "import sys, ray._private.services as services; services.resolve_ip_for_localhost = lambda host: host; "
     "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
 )
+
+
+def kill_what_is_left(process: subprocess.Popen, left: Callable[[], list], wait: float = 5) -> None:
+    """After a SIGTERM to a blocking `ray start`: wait for it, then SIGKILL the processes `left()` still names (for up
+    to 15 s), and the `ray start` itself if it is still there."""
+    try:
+        process.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        procs = left()
+        if not procs:
+            break
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def free_ports(n: int) -> list[int]:
@@ -288,24 +312,7 @@ class LocalCluster:
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
         for node in nodes:
-            try:
-                node.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                left = node.pids()
-                if not left:
-                    break
-                for proc in left:
-                    try:
-                        proc.kill()
-                    except psutil.Error:
-                        pass
-                psutil.wait_procs(left, timeout=5)
-            if node.process.poll() is None:
-                node.process.kill()
-                node.process.wait(timeout=10)
+            kill_what_is_left(node.process, node.pids, wait=10)
 
     def close(self) -> None:
         self.stop()

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from conftest import APIXABAN_JOB, ROOT, SAMPLE_NOTES
-from ray_nodes import free_ports
+from ray_nodes import free_ports, kill_what_is_left
 
 pytestmark = pytest.mark.e2e
 
@@ -72,24 +72,7 @@ def stop_head(process: subprocess.Popen, temp_dir: Path) -> None:
     """SIGTERM the blocking `ray start` (it stops its processes), then SIGKILL whatever of this head is left."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        left = [p for p in head_processes(process.pid, temp_dir) if p.pid != os.getpid()]
-        if not left:
-            break
-        for proc in left:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=5)
-    if process.poll() is None:
-        process.kill()
-        process.wait(timeout=10)
+    kill_what_is_left(process, lambda: [p for p in head_processes(process.pid, temp_dir) if p.pid != os.getpid()])
 
 
 def http(url: str, token: str | None = None, timeout: float = 10) -> tuple[int, str]:
