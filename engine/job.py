@@ -30,6 +30,7 @@ class InputSpec(Strict):
     structured: list[str] = Field(default_factory=list, description="Structured columns carried to the patient table for rules, e.g. [sex, age].")
     limit: int | None = Field(None, ge=1, description="Read only the first N notes (the CLI's --limit overrides it).")
     storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: http://127.0.0.1:5000} for an S3-compatible store. Never put keys here: use the AWS environment or profile.")
+    shared: bool = Field(False, description="Only for a local path on a Ray cluster of several nodes: true says the path is one shared filesystem mounted at the same place on every node (NFS, EFS, Lustre). Read tasks run on any node, so notes on one machine's own disk cannot be read by the others: such a run is refused unless this is set. Not needed for s3:// or a one-node run.")
 
 
 class OutputSpec(Strict):
@@ -336,7 +337,7 @@ class JobSpec(Strict):
     def fingerprint(self) -> str:
         """Hash of what decides the answers (input, model, questions). Changing rules keeps it."""
         decisive = {
-            "input": self.input.model_dump(exclude={"limit"}),
+            "input": self.input.model_dump(exclude={"limit", "shared"}),
             "model": _model_decisive(self.model),
             "questions": [_decisive(q) for q in self.questions],
             "extraction": self.extraction.model_dump(),

@@ -207,7 +207,7 @@ def run_job(job: JobSpec, *, limit: int | None = None, overwrite: bool = False, 
         progress.say(f"Limit: answering {inputs.num_notes}{of} notes ({source})")
     _check_rules_against_input(job, inputs)
     store = OutputStore(job.output.uri, job.output.storage_options)
-    _check_output_reaches_every_node(job, store)
+    _check_paths_reach_every_node(job, store)
     committed = store.prepare(job, inputs, limit, overwrite)
     redo = _rows_to_redo(job, store) if committed else {}
     pending = [replace(s, redo=tuple(redo[s.shard_id])) if s.shard_id in redo else s
@@ -267,27 +267,35 @@ def _check_rules_against_input(job: JobSpec, inputs: InputPlan) -> None:
         raise JobError(f"{job.name} (with input {job.input.uri})", problems)
 
 
-def _check_output_reaches_every_node(job: JobSpec, store: OutputStore) -> None:
-    """On a Ray cluster of several nodes the model actors write answers on the worker nodes and commit tasks merge
-    them on any node: a local output folder must be one filesystem shared by all of them. Refused before anything is
-    written, unless the job says the path is shared. A local run (its own one-node Ray) is never refused."""
+def _check_paths_reach_every_node(job: JobSpec, store: OutputStore) -> None:
+    """On a Ray cluster of several nodes read tasks run on any node, the model actors write answers on the worker
+    nodes and commit tasks merge them on any node: a local input or output path must be one filesystem shared by all
+    of them. Refused before the run starts (nothing written), unless the job says the path is shared. A local run (its
+    own one-node Ray) is never refused."""
     import os
 
-    from engine.errors import OutputError
+    from engine.errors import InputError, OutputError
     from engine.runtime import cluster_nodes, ensure_ray
-    from engine.storage import is_remote
+    from engine.storage import filesystem, is_remote
 
     import ray
 
-    if is_remote(store.fs) or job.output.shared or not (os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+    local_input = not job.input.shared and not is_remote(filesystem(job.input.uri, job.input.storage_options)[0])
+    local_output = not job.output.shared and not is_remote(store.fs)
+    if not (local_input or local_output) or not (os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         return
     ensure_ray()
     nodes = cluster_nodes()
-    if nodes > 1:
-        raise OutputError(
-            f"output.uri {job.output.uri!r} is a local folder, and this Ray cluster has {nodes} nodes: each node would "
-            "write answers to its own disk. Set output.uri to s3://bucket/prefix, or, if this path is one shared "
-            "filesystem mounted at the same place on every node (NFS, EFS), set output.shared: true in the job")
+    if nodes <= 1:
+        return
+    for local, section, error, what in ((local_input, "input", InputError, "read notes from"),
+                                        (local_output, "output", OutputError, "write answers to")):
+        if local:
+            uri = getattr(job, section).uri
+            raise error(
+                f"{section}.uri {uri!r} is a local path, and this Ray cluster has {nodes} nodes: each node would "
+                f"{what} its own disk. Set {section}.uri to s3://bucket/prefix, or, if this path is one shared "
+                f"filesystem mounted at the same place on every node (NFS, EFS), set {section}.shared: true in the job")
 
 
 PROGRESS_SECONDS = 2.0  # how often the driver asks the ledger how far the run is

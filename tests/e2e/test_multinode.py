@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from multinode_runs import (APIXABAN_JOB, BUCKET, NOTES_PER_BATCH, NOTES_PER_SHARD, WORKER, Stage, finish, job_spec,
-                            kill_at_gate, submit_job, upload_notes)
+                            kill_at_gate, notes_table, submit_job, upload_notes)
 from ray_nodes import LocalCluster
 from s3_server import WriteGate, moto_s3
 
@@ -67,6 +67,24 @@ def test_a_worker_node_lost_while_committing(stage, forward_first):
     result = kill_at_gate(stage, spec, name, r"answers/[^/]*\.parquet$", notes=NOTES, skip=1, forward_first=forward_first)
     assert result["this_run"]["commits_retried"] >= 1
     assert result["this_run"]["shards_committed"] == NOTES // NOTES_PER_SHARD
+
+
+def test_a_local_input_on_several_nodes_is_refused_unless_shared(stage):
+    """Notes in a local file on a cluster: read tasks on the other nodes could not open it. Refused before the run
+    starts, naming the field and the fix; with input.shared: true it runs (this test's nodes share one disk)."""
+    notes = stage.tmp / "local-notes.parquet"
+    pq.write_table(notes_table(NOTES), notes)
+    spec = job_spec(notes=NOTES, output="local-input", endpoint=stage.gate.endpoint, notes_per_shard=200, notes_per_batch=200)
+    spec["input"].update(uri=str(notes), storage_options={})
+    process, submission_id = submit_job(stage, spec, "local-input")
+    job, _ = finish(stage, process, submission_id)
+    logs = stage.cluster.job_logs(submission_id)
+    assert job["status"] == "FAILED", job
+    assert "input.uri" in logs and "input.shared: true" in logs and "s3://" in logs, logs[-2000:]
+    spec["input"]["shared"] = True
+    process, submission_id = submit_job(stage, spec, "input-shared")
+    job, _ = finish(stage, process, submission_id)
+    assert job["status"] == "SUCCEEDED", (job, stage.cluster.job_logs(submission_id)[-3000:])
 
 
 def test_a_local_output_on_several_nodes_is_refused_unless_shared(stage):

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from engine.job import BatchingSpec, OutputSpec
+from engine.job import BatchingSpec, InputSpec, OutputSpec
 from engine.reporting.report import RECOVERY_KEYS, this_run_summary
 from engine.store.commit import ShardLedger, batch_key
 
@@ -91,11 +91,13 @@ def test_cluster_fields_of_the_job():
         BatchingSpec(actor_resources={"worker_node": 0})
     assert OutputSpec(uri="/mnt/shared/out").shared is False
     assert OutputSpec(uri="/mnt/shared/out", shared=True).shared is True
+    assert InputSpec(uri="/mnt/shared/notes.parquet").shared is False
 
 
 def test_cluster_fields_keep_the_fingerprint(apixaban_job):
     """Placing the actors or saying the output is shared changes no answer: an output folder keeps resuming."""
     placed = apixaban_job.model_copy(update={
         "batching": apixaban_job.batching.model_copy(update={"actor_resources": {"worker_node": 1}}),
-        "output": apixaban_job.output.model_copy(update={"shared": True})})
+        "output": apixaban_job.output.model_copy(update={"shared": True}),
+        "input": apixaban_job.input.model_copy(update={"shared": True})})
     assert placed.fingerprint() == apixaban_job.fingerprint()
