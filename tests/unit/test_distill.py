@@ -184,3 +184,18 @@ def test_train_refuses_data_rendered_with_another_prompt(synth_folder, tmp_path)
     (data / "synth.json").write_text(json.dumps(dict(card, renderer="0123456789ab")), encoding="utf-8")
     result = CliRunner().invoke(app, ["train", str(synth_folder.parent / "job.yaml"), "--data", str(data), "--output", str(tmp_path / "a")])
     assert result.exit_code == 1 and "another prompt" in result.output
+
+
+def test_synthetic_notes_for_a_job_the_generator_does_not_fit_are_refused(tmp_path):
+    """The generator's gold follows the job synth is given; a job without one of the questions its notes document
+    is refused with what to do instead, and the generator keeps the questions it had."""
+    from engine.distill.synth import from_synthetic
+    from engine.errors import InputError
+    from engine.tools import synthetic
+
+    job = load_job(APIXABAN_JOB)
+    smaller = job.model_copy(update={"questions": [q for q in job.questions if q.id != "peptic_ulcer"]})
+    before = synthetic.QUESTION_IDS
+    with pytest.raises(InputError, match=r"peptic_ulcer is not a yes/no question of the job.*--synthetic-patients 0"):
+        from_synthetic(smaller, make_plan(smaller), 2, 0, tmp_path, Counter())
+    assert synthetic.QUESTION_IDS == before and "peptic_ulcer" in before
