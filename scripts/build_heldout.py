@@ -57,6 +57,7 @@ REQUIRED = ["note_id", "subject_id", "hadm_id", "charttime", "sex", "age", "text
 def fail(errors: list[str]) -> None:
     for e in errors:
         print("ERROR:", e, file=sys.stderr)
+    print(f"{len(errors)} error(s); nothing written", file=sys.stderr)
     sys.exit(1)
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import calendar
 import datetime as dt
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from build_heldout import note_errors  # scripts/ is on the path when a builder runs as a script
+from build_heldout import fail, note_errors  # scripts/ is on the path when a builder runs as a script
 
 BOOL_QUESTIONS = [
     "recent_stroke",
@@ -100,6 +99,18 @@ def norm_ws(s: str) -> str:
     return " ".join(s.replace("\u00a0", " ").replace("\u2011", "-").split())
 
 
+def shape_errors(item, position: str, id_field: str, fields: list[str]) -> tuple[str, list[str], bool]:
+    """A note's or patient's name for messages, what is wrong with its keys, and whether its fields can be read."""
+    if not isinstance(item, dict):
+        return position, [f"{position}: must be a mapping"], False
+    where = f"{position} {item.get(id_field, '?')}"
+    missing = [k for k in fields if k not in item]
+    extra = sorted(set(item) - set(fields))
+    errors = [f"{where}: missing fields {missing}"] if missing else []
+    errors += [f"{where}: unknown fields {extra}"] if extra and not missing else []
+    return where, errors, not missing
+
+
 def validate_notes(notes) -> list[str]:
     errors: list[str] = []
     if not isinstance(notes, list) or not notes:
@@ -107,17 +118,10 @@ def validate_notes(notes) -> list[str]:
     seen: set[str] = set()
     subj_of_hadm: dict[int, int] = {}
     for i, n in enumerate(notes):
-        if not isinstance(n, dict):
-            errors.append(f"note[{i}]: must be a mapping")
+        where, problems, usable = shape_errors(n, f"note[{i}]", "note_id", NOTE_FIELDS)
+        errors += problems
+        if not usable:
             continue
-        where = f"note[{i}] {n.get('note_id', '?')}"
-        missing = [k for k in NOTE_FIELDS if k not in n]
-        extra = sorted(set(n) - set(NOTE_FIELDS))
-        if missing:
-            errors.append(f"{where}: missing fields {missing}")
-            continue
-        if extra:
-            errors.append(f"{where}: unknown fields {extra}")
         errors += note_errors(n, where, seen, subj_of_hadm)
         if not isinstance(n["note_type"], str) or not n["note_type"].strip():
             errors.append(f"{where}: note_type must be a non-empty string")
@@ -211,17 +215,10 @@ def validate_patients(patients, notes) -> list[str]:
         by_subject.setdefault(n["subject_id"], []).append(n)
     seen: set[int] = set()
     for i, p in enumerate(patients):
-        if not isinstance(p, dict):
-            errors.append(f"patient[{i}]: must be a mapping")
+        where, problems, usable = shape_errors(p, f"patient[{i}]", "subject_id", PATIENT_FIELDS)
+        errors += problems
+        if not usable:
             continue
-        where = f"patient[{i}] {p.get('subject_id', '?')}"
-        missing = [k for k in PATIENT_FIELDS if k not in p]
-        extra = sorted(set(p) - set(PATIENT_FIELDS))
-        if missing:
-            errors.append(f"{where}: missing fields {missing}")
-            continue
-        if extra:
-            errors.append(f"{where}: unknown fields {extra}")
         sid = p["subject_id"]
         if not isinstance(sid, int) or isinstance(sid, bool):
             errors.append(f"{where}: subject_id must be an integer")
@@ -342,13 +339,6 @@ def build(notes: list[dict], patients: list[dict]) -> tuple[pa.Table, pa.Table, 
         }
     )
     return notes_tbl, gold_tbl, crit_tbl
-
-
-def fail(errors: list[str]) -> None:
-    for e in errors:
-        print("ERROR:", e, file=sys.stderr)
-    print(f"{len(errors)} error(s); nothing written", file=sys.stderr)
-    sys.exit(1)
 
 
 def main() -> None:
