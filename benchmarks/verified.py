@@ -13,6 +13,7 @@ worse"), and what verification did (answers checked, failed by reason, cue answe
 
     .venv/bin/python benchmarks/verified.py                         # data/heldout, lexical + hybrid
     .venv/bin/python benchmarks/verified.py --model-mode            # plus every pair to the model
+    .venv/bin/python benchmarks/verified.py --model-mode --model-sees windows   # the model reads the cues' windows
     .venv/bin/python benchmarks/verified.py --notes my.parquet --labels my_gold.parquet
     .venv/bin/python benchmarks/verified.py --model-mode --adapter models/apixaban-smollm2-lora   # a trained adapter
 """
@@ -63,14 +64,14 @@ def summary(job, answers, labels) -> dict:
     return {r["metric"]: (r["value"], r["ci_low"], r["ci_high"]) for r in rows if r["metric"] in ("mean_balanced_accuracy", "mean_accuracy")}
 
 
-def run_leg(job, mode: str, notes: str, output: Path) -> tuple:
+def run_leg(job, mode: str, notes: str, output: Path, **extraction) -> tuple:
     from engine.store.answers import read_answers
     from engine.run import run_job
 
     job = job.model_copy(update={
         "input": job.input.model_copy(update={"uri": notes, "limit": None}),
         "output": job.output.model_copy(update={"uri": str(output)}),
-        "extraction": job.extraction.model_copy(update={"mode": mode}),
+        "extraction": job.extraction.model_copy(update={"mode": mode, **extraction}),
     })
     started = time.perf_counter()
     report, _ = run_job(job, overwrite=True)
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--notes", default=str(ROOT / "data" / "heldout" / "notes.parquet"))
     parser.add_argument("--labels", default=str(ROOT / "data" / "heldout" / "gold.parquet"))
     parser.add_argument("--model-mode", action="store_true", help="also ask the model every pair (slow on a CPU)")
+    parser.add_argument("--model-sees", choices=["note", "windows"], help="the model leg's extraction.model_sees (default: the job's)")
+    parser.add_argument("--window-chars", type=int, help="the model leg's extraction.window_chars with --model-sees windows")
     parser.add_argument("--adapter", help="serve this LoRA adapter (engine train) instead of the job's model.adapter; 'none' for the base model")
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args()
@@ -103,7 +106,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         legs["hybrid"] = run_leg(job, "hybrid", args.notes, Path(scratch) / "hybrid")
         if args.model_mode:
-            legs["model"] = run_leg(job, "model", args.notes, Path(scratch) / "model")
+            seen = {k: v for k, v in (("model_sees", args.model_sees), ("window_chars", args.window_chars)) if v}
+            legs["model"] = run_leg(job, "model", args.notes, Path(scratch) / "model", **seen)
 
     figures: dict = {}
     base = per_note_correct(scoped, lexical, labels)

@@ -13,6 +13,8 @@ Sources (each example says which):
                that quote passes verification
   teacher      a stronger model (`--teacher`, a model folder or Hugging Face id served by vLLM) answers the pairs the
                cues find ambiguous; only its verified answers are kept
+Prompts show what the job serves: the note, or with `extraction.model_sees: windows` the text around the question's
+mentions (a pair without a mention is never asked of a model, so it is no example).
 Then: balanced per question and answer class, hardest first within each class; split by patient into train and
 eval; a card (synth.json) with every count.
 """
@@ -40,6 +42,7 @@ from engine.job import JobSpec
 from engine.plan import Plan, PlannedQuestion, make_plan
 from engine.prompt import SYSTEM_PROMPT, note_date_hint, render_messages
 from engine.stages.answer import answer_rows
+from engine.stages.candidates import shown_text
 from engine.stages.cues import find_mentions
 from engine.stages.generate import GENERATION_COLUMNS, GenerateAnswers
 from engine.stages.verify import counts_from, value_in_quote
@@ -363,15 +366,22 @@ def _checked(rows: pa.Table, picked: list[int], plan: Plan, source: str, targets
             dropped[f"{source}: {failure.split(' (')[0]}"] += 1
             continue
         question = plan.by_id[r["question_id"]]
+        shown = shown_text(text, question, plan)  # the note, or (model_sees: windows) the text around its mentions
+        if shown is None:
+            dropped[f"{source}: no mention, so the job never asks a model"] += 1
+            continue
+        if target.get("evidence") and target["evidence"] not in shown:
+            dropped[f"{source}: the quote is outside the windows the model is shown"] += 1
+            continue
         hard = (agree is not None and not agree[i]) or source == "teacher" or r["route"] == "model"
         hardness = (10.0 if hard else 0.0) + min(r["candidates"] or 0, 9)
-        # as model mode serves it: the note and the question (a date question also the note's date, see candidates)
+        # as model mode serves it: the text and the question (a date question also the note's date, see candidates)
         served_hint = note_date_hint(r.get("charttime")) if question.spec.type == "date" else ""
         examples.append(Example(r["note_id"], str(r["patient_id"]), r["question_id"], source, label_of(question, target),
-                                raw, render_messages(text, question, served_hint), hardness))
+                                raw, render_messages(shown, question, served_hint), hardness))
         if r["route"] == "model" and r["cue_hint"]:  # hybrid serves ambiguous pairs with the cue hint: teach that too
             examples.append(Example(r["note_id"], str(r["patient_id"]), r["question_id"], source,
-                                    label_of(question, target), raw, render_messages(text, question, r["cue_hint"]), hardness))
+                                    label_of(question, target), raw, render_messages(shown, question, r["cue_hint"]), hardness))
     return examples
 
 

@@ -7,8 +7,12 @@ like a model's) and a route:
   no_candidate  no mention: decided without the model (not in note; "no" for absent: "no" questions)
   lexical       answered from the cues (extraction mode lexical, or hybrid with ask_model: unresolved where
                 the cue answer is unambiguous)
-  model         sent to the model, with the whole note or only the windows around the mentions, and the
+  model         sent to the model, with the whole note or only the windows around the mentions, and (hybrid) the
                 mentions' context flags in the question ("AF" (negated); "afib" (hypothetical))
+
+Extraction mode model sends every pair to the model with the question alone. With `model_sees: windows` the model
+reads only the text around the question's mentions (the cues as a retriever): a pair with no mention is
+no_candidate, decided without a model call, as in hybrid.
 """
 
 from __future__ import annotations
@@ -89,16 +93,25 @@ def find_candidates(batch: pa.Table, plan: Plan) -> pa.Table:
             charttime = times[live[0]].as_py() if times is not None else None
             assessed = assess_note(notes[note] or "", [plan.by_id[questions[r]] for r in live], plan, charttime)
             for row, verdict in zip(live, assessed):
-                verdicts[row] = _to_the_model(verdict, plan.by_id[questions[row]], charttime) if model_mode else verdict
+                verdicts[row] = verdict
     return _append(batch, verdicts)
 
 
-def _to_the_model(verdict: Assessment, question: PlannedQuestion, charttime=None) -> Assessment:
-    """Extraction mode model: every pair to the model, shown the note and the question alone (a date question also
-    the note's date); the cue reading stays (cue answer, flags, mentions that count) for verify to check the model's
-    answer against."""
-    verdict.route, verdict.model_text = "model", None
-    verdict.hint = note_date_hint(charttime) if question.spec.type == "date" else None
+def _spans(mentions: list[Mention]) -> list[tuple[int, int]]:
+    return [(m.match.start, m.match.end) for m in mentions]
+
+
+def _to_the_model(verdict: Assessment, text: str, mentions: list, plan: Plan, date_hint: str | None) -> Assessment:
+    """Extraction mode model: the pair goes to the model, shown the note (or, with model_sees: windows, the text
+    around its mentions) and the question alone (a date question also the note's date); the cue reading stays (cue
+    answer, flags, mentions that count) for verify to check the model's answer against. With windows, a pair without
+    a mention has nothing to show: it stays no_candidate."""
+    extraction = plan.job.extraction
+    windowed = extraction.model_sees == "windows"
+    if windowed and not mentions and verdict.route == "no_candidate":
+        return verdict
+    verdict.route, verdict.hint = "model", date_hint
+    verdict.model_text = windows(text, _spans(mentions), extraction.window_chars) if windowed and mentions else None
     return verdict
 
 
@@ -151,7 +164,7 @@ def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: 
     extraction = plan.job.extraction
     spec = question.spec
     date_hint = note_date_hint(charttime) if spec.type == "date" else None
-    if spec.cues is None:  # nothing to look for: only a model can answer
+    if spec.cues is None:  # nothing to look for: only a model can answer, from the whole note
         return Assessment("lexical" if extraction.mode == "lexical" else "model", hint=date_hint)
     evidence_chars = plan.job.model.evidence_max_chars
     if spec.type == "yes_no":
@@ -164,15 +177,18 @@ def assess(text: str, question: PlannedQuestion, mentions: list[Mention], plan: 
         output, resolved = numeric_answer(text, spec, mentions, evidence_chars)
     flags = ",".join(sorted({f for m in mentions for f in m.context.flags})) or None
     if not mentions:
-        return Assessment("no_candidate", 0, None, output)
+        verdict = Assessment("no_candidate", 0, None, output)
+        return _to_the_model(verdict, text, mentions, plan, date_hint) if extraction.mode == "model" else verdict
     counted = ";".join(f"{m.match.start}-{m.match.end}" for m in mentions if m.counts) or None
     verdict = Assessment("lexical", len(mentions), flags, output, counted=counted)
+    if extraction.mode == "model":
+        return _to_the_model(verdict, text, mentions, plan, date_hint)
     if extraction.mode == "lexical" or (extraction.ask_model == "unresolved" and resolved):
         return verdict
     verdict.route = "model"
     verdict.hint = mention_hint(text, mentions) + (f"; {date_hint}" if date_hint else "")
     if extraction.model_sees == "windows":
-        verdict.model_text = windows(text, mentions, extraction.window_chars)
+        verdict.model_text = windows(text, _spans(mentions), extraction.window_chars)
     return verdict
 
 
@@ -283,16 +299,27 @@ def _as_written(number: float) -> str:
 
 
 # --- what the model is shown ------------------------------------------------------------------------------------
-def windows(text: str, mentions: list[Mention], width: int) -> str:
-    """The note's text around its mentions (merged where they overlap), in note order."""
-    spans = sorted((max(0, m.match.start - width), min(len(text), m.match.end + width)) for m in mentions)
+def windows(text: str, spans: list[tuple[int, int]], width: int) -> str:
+    """The note's text around its mentions' (start, end) spans (merged where they overlap), in note order."""
+    around = sorted((max(0, start - width), min(len(text), end + width)) for start, end in spans)
     merged: list[list[int]] = []
-    for start, end in spans:
+    for start, end in around:
         if merged and start <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
     return WINDOW_SEPARATOR.join(text[s:e] for s, e in merged)
+
+
+def shown_text(text: str, question: PlannedQuestion, plan: Plan) -> str | None:
+    """What the model is shown of `text` for `question` as the job serves it: the note itself (model_sees: note, or a
+    question without cues), the windows around the question's mentions, or None where a windowed job sends the
+    pair to no model (no mention). engine synth renders its training prompts with this."""
+    extraction = plan.job.extraction
+    if extraction.model_sees != "windows" or question.spec.cues is None:
+        return text
+    spans = [(m.start, m.end) for m in find_mentions(text, question.spec)]
+    return windows(text, spans, extraction.window_chars) if spans else None
 
 
 def mention_hint(text: str, mentions: list[Mention]) -> str:

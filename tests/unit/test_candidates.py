@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from engine.plan import make_plan
-from engine.stages.candidates import CANDIDATE_COLUMNS, assess_note, find_candidates, windows
+from engine.stages.candidates import CANDIDATE_COLUMNS, assess_note, find_candidates, shown_text, windows
 from engine.stages.expand import expand_questions
 
 NOTE = (
@@ -74,6 +74,24 @@ def test_windows_hold_only_the_text_around_mentions(apixaban_job):
     assert "afib" in window and "AF" in window and len(window) < 300 and "[...]" in window
 
 
+def test_model_mode_with_windows_shows_the_model_only_the_text_around_the_mentions(apixaban_job):
+    """Model mode, model_sees windows: the cues retrieve, the model reads. Every pair with a mention goes to the
+    model with its windows and no cue hint (the model reads the negation itself); a pair without one is not in note
+    without a model call; a date question keeps the note's date."""
+    text = "x" * 1000 + "\nNo history of atrial fibrillation.\n" + "y" * 1000 + "\nCreatinine 1.4 mg/dL\n" + "z" * 500
+    found = verdicts(apixaban_job, text, mode="model", model_sees="windows", window_chars=60)
+    af = found["atrial_fibrillation"]
+    assert af.route == "model" and "No history of atrial fibrillation" in af.model_text and len(af.model_text) < 200
+    assert af.hint is None and "x" * 70 not in af.model_text
+    assert found["creatinine_max"].route == "model" and "1.4 mg/dL" in found["creatinine_max"].model_text
+    assert found["bipolar_disorder"].route == "no_candidate" and found["bipolar_disorder"].model_text is None
+    whole = verdicts(apixaban_job, text, mode="model")  # model_sees: note, as before: every pair, the whole note
+    assert {v.route for v in whole.values()} == {"model"} and whole["bipolar_disorder"].model_text is None
+    plan = plan_for(apixaban_job, mode="model", model_sees="windows", window_chars=60)
+    assert shown_text(text, plan.by_id["atrial_fibrillation"], plan) == af.model_text  # what engine synth renders
+    assert shown_text(text, plan.by_id["bipolar_disorder"], plan) is None
+
+
 @pytest.mark.parametrize("mode", ["model", "hybrid", "lexical"])
 def test_stage_adds_its_columns_and_skips_failed_notes(apixaban_job, mode):
     plan = plan_for(apixaban_job, mode=mode)
@@ -89,13 +107,8 @@ def test_stage_adds_its_columns_and_skips_failed_notes(apixaban_job, mode):
 
 
 def test_windows_merge_overlaps():
-    from engine.stages.context import Context
-    from engine.stages.cues import Match
-    from engine.stages.candidates import Mention
-
-    context = Context(frozenset(), 0, 0, None)
-    mentions = [Mention(Match(10, 12), context, True), Mention(Match(14, 16), context, True)]
-    assert windows("0123456789abcdefghij", mentions, 3) == "789abcdefghi"
+    assert windows("0123456789abcdefghij", [(10, 12), (14, 16)], 3) == "789abcdefghi"
+    assert windows("0123456789abcdefghij", [(2, 3), (17, 18)], 1) == "123\n[...]\nghi"
 
 
 def test_a_value_from_a_table_column_is_quoted_from_its_own_row(apixaban_job):

@@ -199,3 +199,31 @@ def test_synthetic_notes_for_a_job_the_generator_does_not_fit_are_refused(tmp_pa
     with pytest.raises(InputError, match=r"peptic_ulcer is not a yes/no question of the job.*--synthetic-patients 0"):
         from_synthetic(smaller, make_plan(smaller), 2, 0, tmp_path, Counter())
     assert synthetic.QUESTION_IDS == before and "peptic_ulcer" in before
+
+
+def test_a_windowed_job_is_taught_the_windows_it_serves(tmp_path, tiny_model):
+    """model_sees: windows: each example shows exactly what the served candidate stage shows the model (the text
+    around the question's mentions), a pair without a mention is no example (no model is asked it), and every
+    target's quote is in the text shown."""
+    import pyarrow.parquet as pq
+
+    from conftest import SAMPLE_NOTES
+    from engine.distill.synth import synth
+    from engine.stages.candidates import shown_text
+
+    job = JOB.model_copy(update={
+        "model": JOB.model.model_copy(update={"name": str(tiny_model)}),
+        "extraction": JOB.extraction.model_copy(update={"mode": "model", "model_sees": "windows", "window_chars": 120}),
+    })
+    plan = make_plan(job)
+    card = synth(job, tmp_path, notes=str(SAMPLE_NOTES), synthetic_patients=0, limit=5)
+    records = read_examples(tmp_path / "train.jsonl") + read_examples(tmp_path / "eval.jsonl")
+    notes = dict(zip(*pq.read_table(SAMPLE_NOTES, columns=["note_id", "text"]).to_pydict().values()))
+    assert records and card.dropped.get("cues: no mention, so the job never asks a model", 0) > 0
+    for r in records:
+        question, text = Q[r["question_id"]], notes[r["note_id"]]
+        user = r["messages"][1]["content"]
+        shown = user[len(NOTE_HEADER):user.rindex(QUESTION_HEADER)]
+        assert shown == shown_text(text, question, plan) and len(shown) <= len(text)
+        evidence = json.loads(r["messages"][2]["content"])["evidence"]
+        assert not evidence or evidence in shown
