@@ -15,6 +15,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SETS = [("heldout", "build_heldout.py", ("notes", "gold")),
         ("heldout_b", "build_heldout.py", ("notes", "gold")),
+        ("dev_c", "build_heldout.py", ("notes", "gold")),
+        ("heldout_d", "build_heldout.py", ("notes", "gold")),
         ("heldout_t", "build_heldout_time.py", ("notes", "gold", "criteria"))]
 
 
